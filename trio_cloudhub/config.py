@@ -1,0 +1,332 @@
+"""Configuration in KubeEdge's CloudCore format (spec section 2), plus our own section.
+
+The file is the YAML a CloudCore reads (`apiVersion: cloudcore.config.kubeedge.io/v1alpha1`,
+`kind: CloudCore`). `modules.cloudHub` and `kubeAPIConfig` are read strictly: unknown keys and
+wrong types are errors that name the key path and the file. Other CloudCore modules are
+accepted and ignored so an existing cloudcore.yaml loads. What KubeEdge has no key for lives
+under the top-level `trioCloudHub` section. This module does no I/O: the caller reads the file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import cattrs
+import yaml
+from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
+
+API_VERSION = "cloudcore.config.kubeedge.io/v1alpha1"
+KIND = "CloudCore"
+MAX_CONFIG_BYTES = 1024 * 1024
+DEFAULT_PROJECT_ID = "e632aba927ea4ac2b575ec1603d56f10"
+# CloudCore modules we do not implement; their sections are accepted and ignored.
+OTHER_CLOUDCORE_MODULES = frozenset(
+    {
+        "edgeController",
+        "deviceController",
+        "syncController",
+        "dynamicController",
+        "cloudStream",
+        "router",
+        "iptablesManager",
+        "taskManager",
+        "nodeUpgradeJobController",
+        "imagePrePullController",
+        "policyController",
+        "cloudHubConfig",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the file and key path."""
+
+
+@attrs.frozen
+class Quic:
+    enable: bool = False
+    address: str = "0.0.0.0"
+    port: int = 10001
+    max_incoming_streams: int = 10000
+
+
+@attrs.frozen
+class UnixSocket:
+    enable: bool = True
+    address: str = "unix:///var/lib/kubeedge/kubeedge.sock"
+
+
+@attrs.frozen
+class WebSocket:
+    enable: bool = True
+    address: str = "0.0.0.0"
+    port: int = 10000
+
+
+@attrs.frozen
+class Https:
+    enable: bool = True
+    address: str = "0.0.0.0"
+    port: int = 10002
+
+
+@attrs.frozen
+class NodeAuthorizationMode:
+    enable: bool = True
+
+
+@attrs.frozen
+class AuthorizationMode:
+    node: NodeAuthorizationMode = attrs.field(factory=NodeAuthorizationMode)
+
+
+@attrs.frozen
+class Authorization:
+    enable: bool = False
+    debug: bool = True
+    modes: tuple[AuthorizationMode, ...] = (AuthorizationMode(),)
+
+
+@attrs.frozen
+class CloudHub:
+    enable: bool = True
+    keepalive_interval: int = 30
+    node_limit: int = 1000
+    tls_ca_file: str = "/etc/kubeedge/ca/rootCA.crt"
+    tls_ca_key_file: str = "/etc/kubeedge/ca/rootCA.key"
+    tls_cert_file: str = "/etc/kubeedge/certs/server.crt"
+    tls_private_key_file: str = "/etc/kubeedge/certs/server.key"
+    write_timeout: int = 30
+    quic: Quic = attrs.field(factory=Quic)
+    unixsocket: UnixSocket = attrs.field(factory=UnixSocket)
+    websocket: WebSocket = attrs.field(factory=WebSocket)
+    https: Https = attrs.field(factory=Https)
+    # Empty means "the first non-loopback address of this host", resolved at start-up.
+    advertise_address: tuple[str, ...] = ()
+    dns_names: tuple[str, ...] = ()
+    edge_cert_signing_duration: int = 365
+    token_refresh_duration: int = 12
+    authorization: Authorization = attrs.field(factory=Authorization)
+
+
+@attrs.frozen
+class KubeAPIConfig:
+    master: str = ""
+    kube_config: str = ""
+    content_type: str = "application/vnd.kubernetes.protobuf"
+    qps: int = 100
+    burst: int = 200
+
+
+@attrs.frozen
+class Modules:
+    cloud_hub: CloudHub = attrs.field(factory=CloudHub)
+
+
+@attrs.frozen
+class TrioCloudHub:
+    """Our own settings, which KubeEdge's schema has no key for."""
+
+    # Empty means the platform default chosen by the command line.
+    data_dir: str = ""
+    # Empty means `<dataDir>/manifests`.
+    manifests_dir: str = ""
+    # "local" (embedded SQLite + manifests) or "kube" (a Kubernetes API server).
+    store: str = ""
+    max_message_size: int = 64 * 1024 * 1024
+    ack_timeout_seconds: float = 5.0
+    ack_max_sends: int = 5
+    log_level: str = "INFO"
+
+
+@attrs.frozen
+class Config:
+    api_version: str = API_VERSION
+    kind: str = KIND
+    kube_api_config: KubeAPIConfig = attrs.field(factory=KubeAPIConfig)
+    modules: Modules = attrs.field(factory=Modules)
+    trio_cloud_hub: TrioCloudHub = attrs.field(factory=TrioCloudHub)
+
+    @property
+    def cloud_hub(self) -> CloudHub:
+        return self.modules.cloud_hub
+
+    @property
+    def store_kind(self) -> str:
+        """The cloud side in use: explicit setting, else Kubernetes when configured."""
+        if self.trio_cloud_hub.store:
+            return self.trio_cloud_hub.store
+        api = self.kube_api_config
+        return "kube" if api.master or api.kube_config else "local"
+
+
+def _camel(name: str) -> str:
+    first, *rest = name.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+_RENAMES = {
+    "kube_api_config": "kubeAPIConfig",
+    "trio_cloud_hub": "trioCloudHub",
+    "tls_ca_file": "tlsCAFile",
+    "tls_ca_key_file": "tlsCAKeyFile",
+}
+_CONFIG_CLASSES = (
+    Quic,
+    UnixSocket,
+    WebSocket,
+    Https,
+    NodeAuthorizationMode,
+    AuthorizationMode,
+    Authorization,
+    CloudHub,
+    KubeAPIConfig,
+    TrioCloudHub,
+    Modules,
+    Config,
+)
+
+
+def _strict_scalar(kind: type) -> Any:
+    def structure(value: Any, _: type) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {kind.__name__}, got a boolean")
+        if not isinstance(value, kind):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        return value
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    for kind in (int, float, str, bool):
+        converter.register_structure_hook(kind, _strict_scalar(kind))
+    converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _strict_string_list)
+    for cls in _CONFIG_CLASSES:
+        renames = {
+            field.name: override(rename=_RENAMES.get(field.name, _camel(field.name)))
+            for field in attrs.fields(cls)
+        }
+        converter.register_structure_hook(
+            cls,
+            make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **renames),
+        )
+        converter.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, converter, **renames))
+    return converter
+
+
+def _strict_string_list(value: Any, _: type) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError("expected a list of strings")
+    return tuple(value)
+
+
+def _drop_other_modules(raw: dict[str, Any]) -> dict[str, Any]:
+    """Sections of CloudCore modules we do not run are accepted and ignored."""
+    modules = raw.get("modules")
+    if not isinstance(modules, dict):
+        return raw
+    kept = {key: value for key, value in modules.items() if key not in OTHER_CLOUDCORE_MODULES}
+    return {**raw, "modules": kept}
+
+
+_converter = _make_converter()
+
+
+def _describe(exc: cattrs.BaseValidationError) -> str:
+    """cattrs names attributes; the user wrote YAML keys, so the path is spelled in those."""
+    lines = []
+    for line in cattrs.transform_error(exc, path="$"):
+        message, _, path = line.rpartition(" @ ")
+        keys = [_RENAMES.get(part, _camel(part)) for part in path.split(".")]
+        lines.append(f"{message} @ {'.'.join(keys)}")
+    return "; ".join(lines)
+
+
+def parse_config(text: str | bytes, source: str = "<config>") -> Config:
+    """Structure and validate a CloudCore YAML document; errors name `source` and the key."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: file larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the document must be a mapping")
+    raw = {key: value for key, value in raw.items() if key not in ("commonConfig", "leaderElection")}
+    try:
+        config = _converter.structure(_drop_other_modules(raw), Config)
+    except cattrs.BaseValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from None
+    problems = validate(config)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    """The checks of KubeEdge's ValidateModuleCloudHub, plus ours; empty when valid."""
+    problems: list[str] = []
+    if config.api_version != API_VERSION:
+        problems.append(f"apiVersion must be {API_VERSION!r} @ $.apiVersion")
+    if config.kind != KIND:
+        problems.append(f"kind must be {KIND!r} @ $.kind")
+    hub = config.cloud_hub
+    base = "$.modules.cloudHub"
+    for name, port in (
+        ("websocket", hub.websocket.port),
+        ("quic", hub.quic.port),
+        ("https", hub.https.port),
+    ):
+        # Port 0 (any free port) is our extension, used by tests and the fleet simulator.
+        if not 0 <= port <= 65535:
+            problems.append(f"port must be 0-65535 @ {base}.{name}.port")
+    for name, address in (("websocket", hub.websocket.address), ("quic", hub.quic.address)):
+        if not _is_ip(address):
+            problems.append(f"address must be an IP address @ {base}.{name}.address")
+    if not hub.unixsocket.address.startswith(("unix://", "tcp://")):
+        problems.append(f"address must start with unix:// @ {base}.unixsocket.address")
+    if hub.token_refresh_duration <= 0:
+        problems.append(f"must be > 0 @ {base}.tokenRefreshDuration")
+    if hub.edge_cert_signing_duration <= 0:
+        problems.append(f"must be > 0 @ {base}.edgeCertSigningDuration")
+    if hub.keepalive_interval <= 0:
+        problems.append(f"must be > 0 @ {base}.keepaliveInterval")
+    if hub.node_limit <= 0:
+        problems.append(f"must be > 0 @ {base}.nodeLimit")
+    extra = config.trio_cloud_hub
+    if extra.store not in ("", "local", "kube"):
+        problems.append("must be 'local' or 'kube' @ $.trioCloudHub.store")
+    if extra.max_message_size < 1024 * 1024:
+        problems.append("must be at least 1048576 @ $.trioCloudHub.maxMessageSize")
+    if extra.ack_timeout_seconds <= 0 or extra.ack_max_sends <= 0:
+        problems.append("must be > 0 @ $.trioCloudHub.ackTimeoutSeconds/ackMaxSends")
+    return problems
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def dump_config(config: Config) -> str:
+    """The effective configuration as CloudCore YAML (used by `config --defaults`)."""
+    data = _converter.unstructure(config)
+    return str(yaml.safe_dump(data, sort_keys=False))
+
+
+def evolve(config: Config, **changes: Any) -> Config:
+    """Override our own section's fields (command-line flags win over the file)."""
+    extra = attrs.evolve(config.trio_cloud_hub, **changes)
+    return attrs.evolve(config, trio_cloud_hub=extra)

@@ -1,0 +1,150 @@
+"""Go-compatible JSON codec of a beehive message (spec 3.1).
+
+Encoding reproduces Go's `json.Encoder` output byte for byte for the values we handle: keys in
+struct order, empty optional fields omitted, HTML characters escaped as `\\u003c` etc., and a
+trailing newline. Decoding accepts text or bytes, ignores unknown keys, and rejects frames Go
+could not decode (e.g. a fractional timestamp) with a typed error.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from trio_cloudhub.core.message import Header, Message, Route
+
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+
+_GO_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+_loads = json.JSONDecoder().decode
+
+
+class CodecError(ValueError):
+    """A frame that is not a beehive message."""
+
+
+class FrameTooLarge(CodecError):
+    """A frame above the configured size bound; rejected before parsing."""
+
+
+def go_json(value: Any) -> str:
+    """JSON text as Go's encoding/json writes it (without the encoder's newline)."""
+    text = _dumps(value)
+    if "<" in text or ">" in text or "&" in text or "\u2028" in text or "\u2029" in text:
+        for raw, escaped in _GO_ESCAPES.items():
+            text = text.replace(raw, escaped)
+    return text
+
+
+def header_to_dict(header: Header) -> dict[str, Any]:
+    out: dict[str, Any] = {"msg_id": header.msg_id}
+    if header.parent_msg_id:
+        out["parent_msg_id"] = header.parent_msg_id
+    out["timestamp"] = header.timestamp
+    if header.resource_version:
+        out["resourceversion"] = header.resource_version
+    if header.sync:
+        out["sync"] = True
+    if header.type:
+        out["type"] = header.type
+    return out
+
+
+def route_to_dict(route: Route) -> dict[str, str]:
+    pairs = (
+        ("source", route.source),
+        ("destination", route.destination),
+        ("group", route.group),
+        ("operation", route.operation),
+        ("resource", route.resource),
+    )
+    return {key: value for key, value in pairs if value}
+
+
+def message_to_dict(message: Message) -> dict[str, Any]:
+    return {
+        "header": header_to_dict(message.header),
+        "route": route_to_dict(message.route),
+        "content": message.content,
+    }
+
+
+def encode(message: Message) -> str:
+    """One WebSocket text message: Go JSON plus the encoder's trailing newline."""
+    return go_json(message_to_dict(message)) + "\n"
+
+
+def decode(frame: str | bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
+    if len(frame) > max_size:
+        raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the bound of {max_size}")
+    try:
+        raw = _loads(frame.decode("utf-8") if isinstance(frame, bytes) else frame)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CodecError(f"frame is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CodecError("frame is not a JSON object")
+    return message_from_dict(raw)
+
+
+def message_from_dict(raw: dict[str, Any]) -> Message:
+    header = _header_from(_object(raw, "header"))
+    route = _route_from(_object(raw, "route"))
+    return Message(header=header, route=route, content=raw.get("content"))
+
+
+def _object(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CodecError(f"{key!r} must be an object")
+    return value
+
+
+def _string(raw: dict[str, Any], key: str) -> str:
+    value = raw.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise CodecError(f"{key!r} must be a string")
+    return value
+
+
+def _header_from(raw: dict[str, Any]) -> Header:
+    timestamp = raw.get("timestamp", 0)
+    if timestamp is None:
+        timestamp = 0
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int):
+        raise CodecError("'timestamp' must be an integer of milliseconds")
+    if not -(2**63) <= timestamp < 2**63:
+        raise CodecError("'timestamp' does not fit in int64")
+    sync = raw.get("sync", False)
+    if sync is None:
+        sync = False
+    if not isinstance(sync, bool):
+        raise CodecError("'sync' must be a boolean")
+    return Header(
+        msg_id=_string(raw, "msg_id"),
+        parent_msg_id=_string(raw, "parent_msg_id"),
+        timestamp=timestamp,
+        resource_version=_string(raw, "resourceversion"),
+        sync=sync,
+        type=_string(raw, "type"),
+    )
+
+
+def _route_from(raw: dict[str, Any]) -> Route:
+    return Route(
+        source=_string(raw, "source"),
+        destination=_string(raw, "destination"),
+        group=_string(raw, "group"),
+        operation=_string(raw, "operation"),
+        resource=_string(raw, "resource"),
+    )

@@ -1,0 +1,39 @@
+"""What the hub sees of one edge connection, whatever the transport."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+
+class EdgeDisconnected(Exception):
+    """The edge went away (close frame, TCP reset, TLS error, or we closed it)."""
+
+
+class EdgeConnection(Protocol):
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def project_id(self) -> str: ...
+
+    @property
+    def remote(self) -> str:
+        """`host:port` of the peer, for logs."""
+        ...
+
+    async def receive(self) -> str | bytes:
+        """The next whole message (text or binary); raises EdgeDisconnected."""
+        ...
+
+    async def send(self, text: str) -> None:
+        """Send one text message; raises EdgeDisconnected."""
+        ...
+
+    async def aclose(self, reason: str = "") -> None:
+        """Close (idempotent, bounded in time)."""
+        ...
+
+
+# Called once per accepted connection in its own task; the connection is closed when it returns.
+ConnectionHandler = Callable[[EdgeConnection], Awaitable[None]]

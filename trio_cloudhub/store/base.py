@@ -1,0 +1,55 @@
+"""The one interface the hub needs from the cloud side (design section 2).
+
+A store watches the desired state and emits downstream messages already addressed to a node
+(resource `node/<id>/<ns>/<type>/<name>`, source `edgecontroller`, group `resource`, the
+object's resourceVersion in the header and the full object with kind/apiVersion as content).
+It keeps the ack points (ObjectSync semantics, spec 6.3), stores what edges report and answers
+edge queries. Reads the hub makes on its hot path are synchronous and served from memory;
+writes are queued and persisted in the background.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import trio
+
+from trio_cloudhub.core.message import Message
+
+
+class StoreError(Exception):
+    """The cloud side failed (database, API server); the hub logs it and keeps serving."""
+
+
+class CloudStore(Protocol):
+    async def run(
+        self,
+        events: trio.MemorySendChannel[Message],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Send the whole desired state, call `task_status.started()`, then send every change.
+
+        Never returns; persists queued writes until cancelled (final flush shielded).
+        """
+        ...
+
+    def acked_version(self, node_id: str, uid: str) -> str | None:
+        """The resourceVersion `node_id` acknowledged for object `uid`, or None."""
+        ...
+
+    def record_ack(self, node_id: str, message: Message) -> None:
+        """An ACK arrived for `message` (cloud resource form): update or drop its ack point."""
+        ...
+
+    async def apply_report(self, node_id: str, message: Message) -> Message | None:
+        """Store a node/pod status report (edge resource form); return a reply or None."""
+        ...
+
+    async def answer_query(self, node_id: str, message: Message) -> Message | None:
+        """Answer an edge query (metaServer Application or metamanager `query`).
+
+        The reply is in cloud resource form (`node/<id>/...`) so the hub routes it like any
+        downstream message; None when the message is not a query this store answers.
+        """
+        ...
