@@ -207,7 +207,7 @@ def _make_converter() -> cattrs.Converter:
         converter.register_structure_hook(kind, _strict_scalar(kind))
     converter.register_structure_hook_func(lambda t: t == tuple[str, ...], _strict_string_list)
     for cls in _CONFIG_CLASSES:
-        renames = {
+        renames: dict[str, Any] = {
             field.name: override(rename=_RENAMES.get(field.name, _camel(field.name)))
             for field in attrs.fields(cls)
         }
@@ -215,7 +215,9 @@ def _make_converter() -> cattrs.Converter:
             cls,
             make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **renames),
         )
-        converter.register_unstructure_hook(cls, make_dict_unstructure_fn(cls, converter, **renames))
+        converter.register_unstructure_hook(
+            cls, make_dict_unstructure_fn(cls, converter, **renames)
+        )
     return converter
 
 
@@ -259,7 +261,9 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the document must be a mapping")
-    raw = {key: value for key, value in raw.items() if key not in ("commonConfig", "leaderElection")}
+    raw = {
+        key: value for key, value in raw.items() if key not in ("commonConfig", "leaderElection")
+    }
     try:
         config = _converter.structure(_drop_other_modules(raw), Config)
     except cattrs.BaseValidationError as exc:

@@ -1,0 +1,3 @@
+from trio_cloudhub.cli import main
+
+raise SystemExit(main())

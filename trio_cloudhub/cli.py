@@ -1,0 +1,175 @@
+"""The `trio-cloudhub` command: serve, token, get, config.
+
+These names and flags are what scripts and the container call; keep them stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from trio_cloudhub.config import MAX_CONFIG_BYTES, Config, ConfigError, dump_config, parse_config
+from trio_cloudhub.http.certs_store import CredentialsError
+from trio_cloudhub.store.base import StoreError
+
+log = logging.getLogger("trio_cloudhub")
+
+
+def default_data_dir() -> Path:
+    """/var/lib/trio-cloudhub for root (servers, containers), else the user's state dir."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/trio-cloudhub")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "trio-cloudhub"
+
+
+def load_config(path: str | None) -> Config:
+    if path is None:
+        return parse_config("", "<defaults>")
+    try:
+        with open(path, "rb") as file:
+            text = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, path)
+
+
+def effective_config(args: argparse.Namespace) -> Config:
+    """The file's settings with the command-line flags on top."""
+    from trio_cloudhub.config import evolve
+
+    config = load_config(args.config)
+    data_dir = args.data_dir or config.trio_cloud_hub.data_dir or str(default_data_dir())
+    manifests = getattr(args, "manifests", None) or config.trio_cloud_hub.manifests_dir
+    level = getattr(args, "log_level", None) or config.trio_cloud_hub.log_level
+    return evolve(
+        config,
+        data_dir=str(Path(data_dir).expanduser()),
+        manifests_dir=str(Path(manifests or Path(data_dir) / "manifests").expanduser()),
+        log_level=level,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trio-cloudhub",
+        description="KubeEdge CloudHub on trio: the cloud side of an edge fleet.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the hub")
+    _common_flags(serve)
+    serve.add_argument("--manifests", metavar="DIR", help="folder of manifests (embedded store)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+    token = commands.add_parser("token", help="print a valid join token for edges")
+    _common_flags(token)
+
+    get = commands.add_parser("get", help="show what edges reported")
+    get.add_argument("what", choices=("nodes", "pods"))
+    _common_flags(get)
+
+    show = commands.add_parser("config", help="print the effective configuration as YAML")
+    _common_flags(show)
+    return parser
+
+
+def _common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE", help="CloudCore-format YAML file")
+    parser.add_argument("--data-dir", metavar="DIR", help="certificates, database, manifests")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = effective_config(args)
+    except ConfigError as exc:
+        print(f"trio-cloudhub: {exc}", file=sys.stderr)
+        return 2
+    handlers = {"serve": _serve, "token": _token, "get": _get, "config": _show_config}
+    try:
+        return handlers[args.command](config, args)
+    except (ConfigError, CredentialsError, StoreError, OSError) as exc:
+        print(f"trio-cloudhub: {exc}", file=sys.stderr)
+        return 1
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    _setup_logging(config.trio_cloud_hub.log_level)
+    trio.run(_serve_until_signal, config)
+    return 0
+
+
+async def _serve_until_signal(config: Config) -> None:
+    from trio_cloudhub.hub.server import serve
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            info = await nursery.start(serve, config)
+            _log_ready(info)
+            async for signum in signals:
+                log.info("%s received: draining", signal.Signals(signum).name)
+                await info.hub.drain()
+                nursery.cancel_scope.cancel()
+                break
+    log.info("stopped")
+
+
+def _log_ready(info: object) -> None:
+    from trio_cloudhub.hub.server import ServeInfo
+
+    assert isinstance(info, ServeInfo)
+    log.info(
+        "serving: websocket port %d, https port %d, data dir %s, manifests %s",
+        info.websocket_port,
+        info.https_port,
+        info.data_dir,
+        info.manifests_dir,
+    )
+    log.info(
+        "edges join with the token printed by: trio-cloudhub token --data-dir %s", info.data_dir
+    )
+
+
+def _token(config: Config, args: argparse.Namespace) -> int:
+    from trio_cloudhub.http.certs_store import current_token
+
+    print(current_token(Path(config.trio_cloud_hub.data_dir), config))
+    return 0
+
+
+def _get(config: Config, args: argparse.Namespace) -> int:
+    from trio_cloudhub.store.local import read_reports
+
+    kind = "nodestatus" if args.what == "nodes" else "podstatus"
+    reports = read_reports(Path(config.trio_cloud_hub.data_dir), kind)
+    rows = [("NAME", "NODE", "STATUS", "REPORTED")]
+    rows += [(r.name, r.node, r.summary, str(r.updated)) for r in reports]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    return 0
+
+
+def _show_config(config: Config, args: argparse.Namespace) -> int:
+    print(dump_config(config), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

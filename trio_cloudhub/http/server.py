@@ -1,0 +1,207 @@
+"""The HTTPS certificate service on port 10002: a minimal HTTP/1.1 server (h11 on trio TLS).
+
+Why not hypercorn: `/edge.crt` must see the TLS client certificate (a rotating edge
+authenticates with it instead of a token, spec 7.5), and hypercorn 0.18's trio worker does
+not expose it: the ASGI scope carries no `tls` extension and its `TCPServer` keeps the
+`SSLStream` private, so the app cannot learn the peer certificate. (Port 0 and `started()`
+would have worked: `hypercorn.trio.serve` reports the bound address.) The endpoints are four
+small GETs, so h11 -- already installed as a dependency of hypercorn and wsproto -- over
+trio's `SSLStream` is less code than working around that, and every limit is ours to set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from functools import partial
+
+import h11
+import trio
+
+from trio_cloudhub.config import Config
+from trio_cloudhub.http.certs_store import HubCredentials, utc_now
+from trio_cloudhub.http.routes import CertificateService, Request, Response, text
+from trio_cloudhub.pki.token import TokenKeeper
+
+logger = logging.getLogger("trio_cloudhub.http")
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_HEADER_BYTES = 16 * 1024
+RECEIVE_BYTES = 64 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+# Whole-request bound (headers and body), also the idle limit of a kept-alive connection.
+REQUEST_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 2.0
+# Bounds memory (each connection may hold a 1 MiB body); extra connections wait their turn.
+MAX_CONNECTIONS = 256
+
+TLSStream = trio.SSLStream[trio.SocketStream]
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def serve_https(
+    credentials: HubCredentials,
+    tokens: TokenKeeper,
+    config: Config,
+    *,
+    ready_check: Callable[[], bool] | None = None,
+    clock: Callable[[], datetime] = utc_now,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `/ca.crt`, `/edge.crt`, `/readyz`, `/livez` until cancelled.
+
+    `task_status.started(port)` reports the bound port once the socket listens (port 0 in
+    the configuration picks a free one).
+    """
+    hub = config.cloud_hub
+    service = CertificateService(
+        credentials.ca,
+        tokens,
+        hub.edge_cert_signing_duration,
+        clock=clock,
+        ready_check=ready_check,
+    )
+    ssl_context = credentials.https_ssl_context()
+    listeners = await trio.open_tcp_listeners(hub.https.port, host=hub.https.address or None)
+    port = int(listeners[0].socket.getsockname()[1])
+    tls_listeners = [
+        trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in listeners
+    ]
+    limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
+    logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
+    task_status.started(port)
+    await trio.serve_listeners(partial(_handle_connection, service, limiter), tls_listeners)
+
+
+async def _handle_connection(
+    service: CertificateService, limiter: trio.CapacityLimiter, stream: TLSStream
+) -> None:
+    """One TLS connection: handshake, then requests until close, error or timeout."""
+    async with limiter:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                await stream.do_handshake()
+            await _serve_requests(service, stream, _peer_cert(stream))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+            # The peer's problem (failed handshake, reset, too slow): nothing to answer.
+            logger.debug("HTTPS connection ended: %r", exc)
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                await stream.aclose()
+
+
+def _peer_cert(stream: TLSStream) -> bytes | None:
+    der = stream.getpeercert(binary_form=True)
+    return bytes(der) if der else None
+
+
+async def _serve_requests(
+    service: CertificateService, stream: TLSStream, peer_cert: bytes | None
+) -> None:
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+    while True:
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request = await _read_request(conn, stream, peer_cert)
+        except h11.RemoteProtocolError as exc:
+            await _send_error(conn, stream, exc.error_status_hint, f"bad request: {exc}")
+            return
+        except _BodyTooLarge:
+            message = f"request body larger than {MAX_BODY_BYTES} bytes"
+            await _send_error(conn, stream, 413, message)
+            return
+        if request is None:
+            return
+        await _send(conn, stream, _answer(service, request))
+        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+            return
+        conn.start_next_cycle()
+
+
+def _answer(service: CertificateService, request: Request) -> Response:
+    try:
+        return service.handle(request)
+    except Exception:
+        # Our bug, not the edge's: answer 500 and keep serving everyone else.
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        return text(500, "internal server error")
+
+
+async def _next_event(conn: h11.Connection, stream: TLSStream) -> h11.Event:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            assert not isinstance(event, type)  # PAUSED cannot happen: we never pipeline
+            return event
+        conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
+
+
+async def _read_request(
+    conn: h11.Connection, stream: TLSStream, peer_cert: bytes | None
+) -> Request | None:
+    """The next request with its whole body, or None when the client closed."""
+    event = await _next_event(conn, stream)
+    if not isinstance(event, h11.Request):
+        return None
+    headers = tuple(
+        (name.decode("latin-1").lower(), value.decode("latin-1")) for name, value in event.headers
+    )
+    declared = next((value for name, value in headers if name == "content-length"), None)
+    if declared is not None and int(declared) > MAX_BODY_BYTES:
+        raise _BodyTooLarge
+    body = await _read_body(conn, stream)
+    target = event.target.decode("latin-1")
+    return Request(
+        method=event.method.decode("latin-1"),
+        path=target.partition("?")[0],
+        headers=headers,
+        body=body,
+        peer_cert=peer_cert,
+    )
+
+
+async def _read_body(conn: h11.Connection, stream: TLSStream) -> bytes:
+    body = bytearray()
+    while True:
+        event = await _next_event(conn, stream)
+        if isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_BODY_BYTES:
+                raise _BodyTooLarge
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(body)
+        else:
+            raise h11.RemoteProtocolError("connection closed inside the request body")
+
+
+async def _send(
+    conn: h11.Connection, stream: TLSStream, response: Response, *, close: bool = False
+) -> None:
+    headers = [
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(len(response.body))),
+        *response.headers,
+    ]
+    if close:
+        headers.append(("Connection", "close"))
+    reason = http.HTTPStatus(response.status).phrase
+    await stream.send_all(
+        conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
+    )
+    await stream.send_all(conn.send(h11.Data(data=response.body)))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+async def _send_error(conn: h11.Connection, stream: TLSStream, status: int, message: str) -> None:
+    """Answer a request we could not read, when HTTP still allows an answer."""
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    logger.info("HTTPS request refused with %d: %s", status, message)
+    with contextlib.suppress(h11.LocalProtocolError):
+        await _send(conn, stream, text(status, message), close=True)

@@ -1,0 +1,190 @@
+"""The hub: node registry, downstream dispatch into node queues, upstream dispatch to the store.
+
+Downstream, each store event is routed synchronously into its node's queue (no shared FIFO
+in front of the per-node queues). Upstream, sessions hand queries and reports to one bounded
+channel; a full channel slows the reading edge rather than growing memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import attrs
+import trio
+
+from trio_cloudhub.config import Config
+from trio_cloudhub.core.message import Message, node_id_of, object_uid, response_to
+from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
+from trio_cloudhub.edge.base import EdgeConnection
+from trio_cloudhub.hub.node import NodeEntry
+from trio_cloudhub.hub.session import NodeSession
+from trio_cloudhub.store.base import CloudStore, StoreError
+
+log = logging.getLogger("trio_cloudhub.hub")
+UPSTREAM_QUEUE = 256
+
+
+@attrs.frozen
+class HubSettings:
+    keepalive_interval: float = 30.0
+    node_limit: int = 1000
+    write_timeout: float = 30.0
+    ack_timeout: float = 5.0
+    ack_max_sends: int = 5
+    max_message_size: int = 64 * 1024 * 1024
+    drain_timeout: float = 5.0
+
+    @classmethod
+    def from_config(cls, config: Config) -> HubSettings:
+        hub = config.cloud_hub
+        extra = config.trio_cloud_hub
+        return cls(
+            keepalive_interval=float(hub.keepalive_interval),
+            node_limit=hub.node_limit,
+            write_timeout=float(hub.write_timeout),
+            ack_timeout=extra.ack_timeout_seconds,
+            ack_max_sends=extra.ack_max_sends,
+            max_message_size=extra.max_message_size,
+        )
+
+
+@attrs.frozen
+class UpstreamWork:
+    node_id: str
+    kind: Upstream
+    message: Message
+
+
+class Hub:
+    def __init__(self, settings: HubSettings, store: CloudStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.nodes: dict[str, NodeEntry] = {}
+        self.sessions: dict[str, NodeSession] = {}
+        self.draining = False
+        self._upstream_send, self._upstream_receive = trio.open_memory_channel[UpstreamWork](
+            UPSTREAM_QUEUE
+        )
+
+    @staticmethod
+    def now_ms() -> int:
+        return time.time_ns() // 1_000_000
+
+    def entry(self, node_id: str) -> NodeEntry:
+        entry = self.nodes.get(node_id)
+        if entry is None:
+            entry = self.nodes[node_id] = NodeEntry(node_id)
+        return entry
+
+    # --- downstream -------------------------------------------------------------------
+
+    async def dispatch_downstream(self, events: trio.MemoryReceiveChannel[Message]) -> None:
+        async with events:
+            async for message in events:
+                self.route_downstream(message)
+
+    def route_downstream(self, message: Message) -> None:
+        kind = classify_downstream(message)
+        node_id = node_id_of(message.resource)
+        if kind is Downstream.DROP:
+            log.debug("dropped downstream %s %s", message.operation, message.resource)
+        elif kind is Downstream.NODE_STOP:
+            self.remove_node(node_id)
+        elif kind is Downstream.ACK:
+            entry = self.entry(node_id)
+            acked = self.store.acked_version(node_id, object_uid(message.content))
+            if entry.queue.offer(message, acked):
+                entry.notify_ack_work()
+        elif node_id in self.sessions:
+            entry = self.entry(node_id)
+            entry.queue.offer_no_ack(message)
+            entry.notify_no_ack_work()
+        else:
+            log.debug("node %s not connected: dropped no-ACK %s", node_id, message.resource)
+
+    def remove_node(self, node_id: str) -> None:
+        """The node left the desired state: end its session, drop its queue (logged once)."""
+        session = self.sessions.pop(node_id, None)
+        if session is not None:
+            session.end("node removed")
+        if self.nodes.pop(node_id, None) is not None or session is not None:
+            log.info("node %s removed from the desired state; its queue was dropped", node_id)
+
+    # --- sessions ---------------------------------------------------------------------
+
+    async def handle_connection(self, conn: EdgeConnection) -> None:
+        node_id = conn.node_id
+        if self.draining:
+            return
+        if node_id not in self.sessions and len(self.sessions) >= self.settings.node_limit:
+            log.warning(
+                "refused node %s from %s: node limit %d reached",
+                node_id,
+                conn.remote,
+                self.settings.node_limit,
+            )
+            return
+        session = NodeSession(self, self.entry(node_id), conn)
+        previous = self.sessions.get(node_id)
+        if previous is not None:
+            previous.end("replaced by a new connection")
+        self.sessions[node_id] = session
+        session.entry.session = session
+        log.info("node %s connected from %s (project %s)", node_id, conn.remote, conn.project_id)
+        try:
+            await session.run()
+        except Exception:
+            log.exception("node %s: session failed", node_id)
+            session.end("internal error")
+        finally:
+            if self.sessions.get(node_id) is session:
+                del self.sessions[node_id]
+                session.entry.session = None
+            log.info("node %s disconnected: %s", node_id, session.end_reason or "closed")
+
+    async def drain(self) -> None:
+        """Refuse new sessions, let in-flight ACK waits finish (bounded), then end sessions."""
+        self.draining = True
+        with trio.move_on_after(self.settings.drain_timeout):
+            while any(session.in_flight is not None for session in self.sessions.values()):
+                await trio.sleep(0.05)
+        for session in list(self.sessions.values()):
+            session.end("hub shutting down")
+
+    # --- upstream ---------------------------------------------------------------------
+
+    async def submit_upstream(self, node_id: str, kind: Upstream, message: Message) -> None:
+        await self._upstream_send.send(UpstreamWork(node_id, kind, message))
+
+    async def dispatch_upstream(self) -> None:
+        async for work in self._upstream_receive:
+            try:
+                reply = await self._handle_upstream(work)
+            except StoreError as exc:
+                log.warning("node %s: store failed on %s: %s", work.node_id, work.kind.name, exc)
+                continue
+            if reply is not None:
+                self.route_downstream(reply)
+
+    async def _handle_upstream(self, work: UpstreamWork) -> Message | None:
+        kind, message = work.kind, work.message
+        if kind in (Upstream.APPLICATION, Upstream.QUERY):
+            return await self.store.answer_query(work.node_id, message)
+        if kind is Upstream.REPORT:
+            return await self.store.apply_report(work.node_id, message)
+        if kind is Upstream.CA_QUERY:
+            # No Kubernetes API server CA on the embedded store: KubeEdge answers "" then.
+            reply = response_to(message, "", self.now_ms())
+            route = attrs.evolve(
+                reply.route,
+                source="cloudhub",
+                group="resource",
+                resource=f"node/{work.node_id}/{message.resource}",
+            )
+            return attrs.evolve(reply, route=route)
+        if kind is Upstream.ERROR:
+            log.warning("node %s reported an error: %r", work.node_id, message.content)
+        else:
+            log.debug("node %s: %s message not handled: %s", work.node_id, kind.name, message.route)
+        return None

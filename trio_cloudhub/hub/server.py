@@ -1,0 +1,134 @@
+"""The root of the task tree (design section 3): `serve(config, task_status)`.
+
+Order matters: certificates first (nothing can listen without them), then the downstream
+dispatcher (so the store's initial sync never blocks on a full channel), then the store (its
+`started()` means the cache is synced), then HTTPS, then the WebSocket listener, and only then
+`task_status.started(ServeInfo)`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from functools import partial
+from pathlib import Path
+
+import attrs
+import trio
+
+from trio_cloudhub.config import Config
+from trio_cloudhub.core.message import Message
+from trio_cloudhub.edge.websocket import serve_websocket
+from trio_cloudhub.http.certs_store import (
+    HubCredentials,
+    new_token_keeper,
+    prepare_credentials,
+    run_token_refresher,
+)
+from trio_cloudhub.http.server import serve_https
+from trio_cloudhub.hub.hub import Hub, HubSettings
+from trio_cloudhub.pki.token import TokenKeeper
+from trio_cloudhub.store.local import LocalStore
+
+log = logging.getLogger("trio_cloudhub.hub")
+DOWNSTREAM_QUEUE = 256
+
+
+@attrs.frozen
+class ServeInfo:
+    websocket_port: int
+    https_port: int
+    data_dir: Path
+    manifests_dir: Path
+    hub: Hub
+    credentials: HubCredentials
+    tokens: TokenKeeper
+
+
+def host_addresses() -> list[str]:
+    """This host's non-loopback addresses, plus 127.0.0.1 so local edges can join too."""
+    found: list[str] = []
+    try:
+        infos = socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+    except OSError:
+        infos = []
+    for info in infos:
+        address = str(info[4][0])
+        if not ipaddress.ip_address(address).is_loopback and address not in found:
+            found.append(address)
+    return [*found[:1], "127.0.0.1"]
+
+
+def with_advertise_default(config: Config) -> Config:
+    hub = config.cloud_hub
+    if hub.advertise_address:
+        return config
+    hub = attrs.evolve(hub, advertise_address=tuple(host_addresses()))
+    return attrs.evolve(config, modules=attrs.evolve(config.modules, cloud_hub=hub))
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> None:
+    config = with_advertise_default(config)
+    extra = config.trio_cloud_hub
+    data_dir = Path(extra.data_dir)
+    manifests_dir = Path(extra.manifests_dir or data_dir / "manifests")
+    if config.store_kind != "local":
+        raise NotImplementedError("the Kubernetes store is not implemented yet; use store: local")
+    _warn_unimplemented(config)
+    credentials = await trio.to_thread.run_sync(prepare_credentials, config, data_dir)
+    tokens = new_token_keeper(credentials, config)
+    store = LocalStore(data_dir, manifests_dir)
+    hub = Hub(HubSettings.from_config(config), store)
+    ready = False
+
+    async with trio.open_nursery() as root:
+        send, receive = trio.open_memory_channel[Message](DOWNSTREAM_QUEUE)
+        root.start_soon(hub.dispatch_downstream, receive)
+        root.start_soon(hub.dispatch_upstream)
+        await root.start(store.run, send)
+        await root.start(run_token_refresher, tokens, data_dir)
+        https_port = await root.start(
+            partial(serve_https, credentials, tokens, config, ready_check=lambda: ready)
+        )
+        websocket_port = await root.start(_serve_edges, hub, credentials, config)
+        ready = True
+        task_status.started(
+            ServeInfo(
+                websocket_port=websocket_port,
+                https_port=https_port,
+                data_dir=data_dir,
+                manifests_dir=manifests_dir,
+                hub=hub,
+                credentials=credentials,
+                tokens=tokens,
+            )
+        )
+
+
+async def _serve_edges(
+    hub: Hub,
+    credentials: HubCredentials,
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[int],
+) -> None:
+    websocket = config.cloud_hub.websocket
+    await serve_websocket(
+        hub.handle_connection,
+        ssl_context=credentials.websocket_ssl_context(),
+        host=websocket.address,
+        port=websocket.port,
+        max_message_size=config.trio_cloud_hub.max_message_size,
+        task_status=task_status,
+    )
+
+
+def _warn_unimplemented(config: Config) -> None:
+    hub = config.cloud_hub
+    if hub.quic.enable:
+        log.warning("quic.enable is set but the QUIC transport is not implemented yet")
+    if hub.unixsocket.enable:
+        log.warning("unixsocket.enable is set but the Unix-socket server is not implemented yet")
+    if not hub.websocket.enable:
+        log.warning("websocket.enable is false: no edge can connect")

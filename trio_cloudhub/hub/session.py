@@ -1,0 +1,150 @@
+"""One connected edge: reader, ACK sender and no-ACK sender inside a keepalive cancel scope.
+
+Rules (spec 6.2, design 3):
+- no keepalive for `keepaliveInterval` seconds ends the session (the scope's deadline moves
+  on each keepalive; other messages do not move it);
+- ACK-mode messages go one at a time (stop-and-wait), the same frame re-sent every
+  `ackTimeout` seconds up to `ackMaxSends` times, then handed back to the queue with back-off;
+- a frame that is not a message, a write that does not finish within `writeTimeout`, or any
+  transport error ends the session; the node's queue stays for its next session.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import trio
+
+from trio_cloudhub.core import codec
+from trio_cloudhub.core.delivery import Acked, Delivery, Send, WaitUntil
+from trio_cloudhub.core.message import Message, trim_for_edge
+from trio_cloudhub.core.rules import Upstream, classify_upstream, control_reply
+from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
+from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle
+
+if TYPE_CHECKING:
+    from trio_cloudhub.hub.hub import Hub
+
+log = logging.getLogger("trio_cloudhub.session")
+
+
+class SessionEnded(Exception):
+    """Ends the session on purpose (bad frame, slow writer); the reason is logged."""
+
+
+class NodeSession(NodeSessionHandle):
+    def __init__(self, hub: Hub, entry: NodeEntry, conn: EdgeConnection) -> None:
+        super().__init__(entry, conn.remote)
+        self.hub = hub
+        self.conn = conn
+        self.node_id = entry.node_id
+        self._delivery: Delivery | None = None
+        self._acked = trio.Event()
+
+    async def run(self) -> None:
+        settings = self.hub.settings
+        with self.cancel_scope:
+            self.cancel_scope.deadline = trio.current_time() + settings.keepalive_interval
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_loop)
+                    nursery.start_soon(self._ack_send_loop)
+                    nursery.start_soon(self._no_ack_send_loop)
+            except* (EdgeDisconnected, SessionEnded) as group:
+                if not self.end_reason:
+                    self.end_reason = str(group.exceptions[0]) or "edge disconnected"
+        if self.cancel_scope.cancelled_caught and not self.end_reason:
+            self.end_reason = "keepalive timeout"
+        self.release_in_flight()
+        self.entry.queue.drop_no_ack()
+
+    # --- upstream ---------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        max_size = self.hub.settings.max_message_size
+        while True:
+            frame = await self.conn.receive()
+            try:
+                message = codec.decode(frame, max_size)
+            except codec.CodecError as exc:
+                raise SessionEnded(f"undecodable frame: {exc}") from None
+            await self._handle(message)
+
+    async def _handle(self, message: Message) -> None:
+        kind = classify_upstream(message)
+        if kind is Upstream.KEEPALIVE:
+            self.cancel_scope.deadline = trio.current_time() + self.hub.settings.keepalive_interval
+        elif kind is Upstream.ACK:
+            self._on_ack(message)
+        elif kind is Upstream.CONTROL:
+            await self._send(codec.encode(control_reply(message, self.hub.now_ms())))
+        elif kind is Upstream.EMPTY:
+            pass
+        else:
+            await self.hub.submit_upstream(self.node_id, kind, message)
+
+    def _on_ack(self, message: Message) -> None:
+        delivery = self._delivery
+        if delivery is not None and delivery.on_ack(message.header.parent_msg_id):
+            self._acked.set()
+
+    # --- downstream -------------------------------------------------------------------
+
+    async def _ack_send_loop(self) -> None:
+        while True:
+            message = await self.entry.next_ack_message()
+            if self.hub.draining:
+                # Drain lets in-flight sends finish but starts no new one.
+                self.entry.queue.release(message)
+                break
+            self.in_flight = message
+            if await self._deliver(message):
+                self.in_flight = None
+                self.entry.queue.acked(message)
+                self.hub.store.record_ack(self.node_id, message)
+            else:
+                self.in_flight = None
+                self.entry.queue.failed(message, trio.current_time())
+                log.info("node %s: no ACK for %s after retries", self.node_id, message.resource)
+        await trio.sleep_forever()
+
+    async def _deliver(self, message: Message) -> bool:
+        settings = self.hub.settings
+        frame = codec.encode(message.with_resource(trim_for_edge(message.resource)))
+        delivery = Delivery(
+            message,
+            trio.current_time(),
+            interval=settings.ack_timeout,
+            max_sends=settings.ack_max_sends,
+        )
+        self._delivery = delivery
+        self._acked = trio.Event()
+        try:
+            while True:
+                action = delivery.poll(trio.current_time())
+                if isinstance(action, Send):
+                    await self._send(frame)
+                elif isinstance(action, WaitUntil):
+                    with trio.move_on_at(action.deadline):
+                        await self._acked.wait()
+                    if self._acked.is_set():
+                        return True
+                else:
+                    return isinstance(action, Acked)
+        finally:
+            self._delivery = None
+
+    async def _no_ack_send_loop(self) -> None:
+        while True:
+            message = await self.entry.next_no_ack_message()
+            trimmed = message.with_resource(trim_for_edge(message.resource))
+            await self._send(codec.encode(trimmed))
+
+    async def _send(self, frame: str) -> None:
+        timeout = self.hub.settings.write_timeout
+        with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:
+            await self.conn.send(frame)
+        if scope.cancelled_caught:
+            raise SessionEnded(f"write did not finish within {timeout:g} s")
