@@ -523,3 +523,18 @@ def test_release_puts_the_interrupted_key_first_without_back_off() -> None:
     queue.release(popped)
     assert queue.next_retry_at() is None
     assert queue.pop_ready(0.0) is first
+
+
+def test_insert_after_a_pending_withdrawal_is_accepted_and_wins_the_slot() -> None:
+    from trio_cloudhub.testing.hub import object_message
+
+    queue = NodeQueue()
+    insert = object_message("n1", "ConfigMap", "cfg", rv=5)
+    assert queue.offer(insert)
+    queue.acked(queue.pop_ready(0.0) or insert)
+    withdraw = object_message("n1", "ConfigMap", "cfg", rv=5, operation="delete")
+    assert queue.offer(withdraw)
+    assert not queue.offer(object_message("n1", "ConfigMap", "cfg", rv=6, operation="update"))
+    again = object_message("n1", "ConfigMap", "cfg", rv=5)
+    assert queue.offer(again)
+    assert queue.pop_ready(0.0) is again

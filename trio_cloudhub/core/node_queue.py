@@ -8,7 +8,8 @@ ACK path (`offer`, `pop_ready`, `acked`, `failed`), keyed by object UID:
 3. A delete (operation `delete` or a deletionTimestamp) or a `response` -> accepted, no
    version checks.
 4. Known key (pending, in flight, or last sent and ACKed): drop if the latest accepted
-   message is a delete (delete precedence), or if the new RV <= its RV. RVs compare as
+   message is a delete (delete precedence) unless the new one is an insert (an object
+   withdrawn from the node and needed again), or if the new RV <= its RV. RVs compare as
    integers; a non-numeric RV is dropped.
 5. Unknown key: drop if an ack point (`acked_version`, the ObjectSync RV) is given and the
    new RV <= it; otherwise accept.
@@ -40,6 +41,7 @@ import attrs
 
 from trio_cloudhub.core.message import (
     OP_DELETE,
+    OP_INSERT,
     OP_RESPONSE,
     Message,
     is_delete,
@@ -125,8 +127,12 @@ class NodeQueue:
         if rv is None:
             return False
         known = self._known.get(key)
+        if known is not None and known.delete:
+            # Only an insert follows a delete: an object withdrawn from the node (no pod
+            # there needs it) and needed again keeps its uid and resourceVersion.
+            return message.operation == OP_INSERT
         if known is not None:
-            return not known.delete and (known.rv is None or rv > known.rv)
+            return known.rv is None or rv > known.rv
         acked = parse_resource_version(acked_version)
         return acked is None or rv > acked
 

@@ -1,0 +1,497 @@
+"""The embedded cloud side: a folder of manifests as desired state, SQLite as memory.
+
+Usage (the store must be open before the hub reads ack points)::
+
+    async with open_local_store(data_dir, manifests_dir, poll_interval=1.0) as store:
+        await nursery.start(store.run, send_channel)
+
+`LocalStore(...)` with `await store.open()` / `await store.aclose()` is the same without the
+context manager; `run` opens the store itself when needed (and then closes it on exit).
+
+How it works:
+- objects, the resourceVersion counter, ack points and edge reports live in
+  `<data_dir>/store.db` (see `localdb`); reads the hub makes on its hot path
+  (`acked_version`, queries) are served from memory;
+- `run` loads the database, reads every manifest file, reconciles (objects whose files went
+  away while the hub was down are deleted; unchanged objects keep uid and resourceVersion),
+  sends the whole desired state plus those deletes, reports started, then polls the folder
+  every `poll_interval` seconds and sends what changed (see `routing` for who gets what);
+- a file that cannot be used is reported once per change and keeps its last good objects,
+  also across restarts (the database remembers which file each object came from);
+- ack points are written in batches in the background (every 0.2 s or 500 pending) and
+  flushed once more, shielded and bounded, when `run` is cancelled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import trio
+
+from trio_cloudhub.core.message import (
+    OP_DELETE,
+    Message,
+    object_uid,
+    split_cloud_resource,
+)
+from trio_cloudhub.store.answers import (
+    RequestError,
+    answer_application,
+    answer_metamanager_query,
+    is_application,
+    is_metamanager_query,
+    report_reply,
+    report_rows,
+)
+from trio_cloudhub.store.base import StoreError
+from trio_cloudhub.store.localdb import (
+    DB_NAME,
+    AckKey,
+    AckPoint,
+    Database,
+    Report,
+    read_reports,
+)
+from trio_cloudhub.store.manifests import (
+    FileResult,
+    FileStamp,
+    Manifest,
+    ManifestError,
+    ObjectKey,
+    manifest_from_text,
+    merge_files,
+    read_manifest_file,
+    stamp_folder,
+)
+from trio_cloudhub.store.routing import (
+    KINDS_BY_TYPE,
+    Delivery,
+    Placement,
+    StoredObject,
+    is_node_stop,
+    place,
+    plan,
+    to_message,
+)
+
+__all__ = ["LocalStore", "Report", "StoreError", "open_local_store", "read_reports"]
+
+log = logging.getLogger("trio_cloudhub.store")
+
+ACK_FLUSH_INTERVAL = 0.2
+ACK_FLUSH_BATCH = 500
+ACK_RETRY_DELAY = 1.0
+FINAL_FLUSH_TIMEOUT = 5.0
+MAX_REPORTS_PER_NODE = 10_000
+
+T = TypeVar("T")
+Files = dict[str, tuple[Manifest, ...]]
+
+
+@attrs.frozen(slots=True)
+class _Change:
+    """The store after a reconciliation, before it is committed."""
+
+    objects: dict[ObjectKey, StoredObject]
+    upserts: list[StoredObject]
+    changed: set[str]  # uids whose content changed
+    removed: dict[str, StoredObject]  # uid -> final version of a removed object
+    rv: int
+
+
+class LocalStore:
+    """`CloudStore` over SQLite and a folder of manifests (see the module docstring)."""
+
+    def __init__(self, data_dir: Path, manifests_dir: Path, *, poll_interval: float = 1.0) -> None:
+        self.data_dir = Path(data_dir)
+        self.manifests_dir = Path(manifests_dir)
+        self.poll_interval = poll_interval
+        self._db = Database(self.data_dir / DB_NAME)
+        self._db_lock = trio.Lock()  # one worker thread on the connection at a time
+        self._open = False
+        self._objects: dict[ObjectKey, StoredObject] = {}
+        self._rv = 0
+        self._acks: dict[AckKey, AckPoint] = {}
+        self._pending_acks: dict[AckKey, AckPoint | None] = {}
+        self._ack_wakeup = trio.Event()
+        self._ack_batch_full = trio.Event()
+        self._files: Files = {}  # last good manifests of every file
+        self._stamps: dict[str, FileStamp] = {}  # files as last read
+        self._reported_conflicts: set[str] = set()
+        self._folder_failing = False
+
+    # --- lifetime ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the directories, open the database and load it into memory. Idempotent."""
+        if self._open:
+            return
+        await trio.to_thread.run_sync(self._make_dirs)
+        loaded = await self._db_call(self._db.open)
+        self._objects, self._acks, self._rv = loaded.objects, loaded.acks, loaded.rv
+        self._files = self._files_from_db()
+        self._open = True
+
+    async def aclose(self) -> None:
+        """Write pending ack points and close the database."""
+        if not self._open:
+            return
+        self._open = False
+        with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
+            await self._flush_acks()
+        with trio.CancelScope(shield=True):
+            await self._db_call(self._db.close)
+
+    def _make_dirs(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.manifests_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store directories: {exc}") from exc
+
+    async def _db_call(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._db_lock:
+            return await trio.to_thread.run_sync(fn, *args)
+
+    # --- run --------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        events: trio.MemorySendChannel[Message],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Initial sync, `started()`, then poll the folder forever (see the module docstring)."""
+        opened_here = not self._open
+        await self.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flush_acks_forever)
+                await self._sync(events, initial=True)
+                task_status.started()
+                while True:
+                    await trio.sleep(self.poll_interval)
+                    await self._sync(events, initial=False)
+        finally:
+            if opened_here:
+                await self.aclose()
+            else:
+                with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
+                    await self._flush_acks()
+
+    async def _sync(self, events: trio.MemorySendChannel[Message], *, initial: bool) -> None:
+        """Read changed files, reconcile, persist, send; a failure leaves all for next time."""
+        scanned = await self._scan()
+        if scanned is None and not initial:
+            return
+        files, stamps = scanned or (self._files, self._stamps)
+        desired = self._merge(files)
+        change = self._reconcile(desired)
+        if change.upserts or change.removed:
+            try:
+                await self._db_call(
+                    self._db.write_objects,
+                    change.upserts,
+                    [obj.key for obj in change.removed.values()],
+                    change.rv,
+                )
+            except StoreError as exc:
+                if initial:  # nothing was sent yet: the hub must not start without it
+                    raise
+                log.warning("%s; retrying at the next poll", exc)
+                return
+        deliveries = self._plan(change, initial=initial)
+        self._objects, self._rv = change.objects, change.rv
+        self._files, self._stamps = files, stamps
+        await self._send(events, deliveries)
+
+    # --- the folder -------------------------------------------------------------------------
+
+    async def _scan(self) -> tuple[Files, dict[str, FileStamp]] | None:
+        """Files and stamps after reading what changed; None when nothing did."""
+        try:
+            stamps = await trio.to_thread.run_sync(stamp_folder, self.manifests_dir)
+        except OSError as exc:
+            if not self._folder_failing:  # report once, keep everything as it is
+                log.warning("cannot list manifests folder %s: %s", self.manifests_dir, exc)
+            self._folder_failing = True
+            return None
+        self._folder_failing = False
+        changed = {name: st for name, st in stamps.items() if self._stamps.get(name) != st}
+        removed = (set(self._stamps) | set(self._files)) - set(stamps)
+        if not changed and not removed:
+            return None
+        results = await trio.to_thread.run_sync(_read_files, self.manifests_dir, changed)
+        files = {name: m for name, m in self._files.items() if name not in removed}
+        new_stamps = {name: st for name, st in self._stamps.items() if name not in removed}
+        for result in results:
+            self._take_result(result, files, new_stamps)
+        return files, new_stamps
+
+    def _take_result(self, result: FileResult, files: Files, stamps: dict[str, FileStamp]) -> None:
+        name = result.name
+        if result.unstable:  # being written: keep the old state, read again next poll
+            stamps.pop(name, None)
+            return
+        stamps[name] = result.stamp
+        if result.error:
+            log.warning(
+                "manifest %s skipped: %s (its last good objects are kept)", name, result.error
+            )
+            return
+        for warning in result.warnings:
+            log.warning("manifest %s: %s", name, warning)
+        files[name] = result.manifests
+
+    def _merge(self, files: Files) -> dict[ObjectKey, tuple[str, Manifest]]:
+        desired, conflicts = merge_files(files)
+        for conflict in set(conflicts) - self._reported_conflicts:
+            log.warning("manifests: %s", conflict)
+        self._reported_conflicts = set(conflicts)
+        return desired
+
+    def _files_from_db(self) -> Files:
+        """Manifests by file as last stored: what a broken file keeps after a restart."""
+        files: dict[str, list[Manifest]] = {}
+        for obj in self._objects.values():
+            try:
+                files.setdefault(obj.source, []).append(manifest_from_text(obj.key, obj.manifest))
+            except ManifestError as exc:
+                log.warning("store database: %s", exc)
+        return {name: tuple(manifests) for name, manifests in files.items()}
+
+    # --- reconciliation and routing ---------------------------------------------------------
+
+    def _reconcile(self, desired: Mapping[ObjectKey, tuple[str, Manifest]]) -> _Change:
+        rv = self._rv
+        objects: dict[ObjectKey, StoredObject] = {}
+        upserts: list[StoredObject] = []
+        changed: set[str] = set()
+        for key in sorted(desired):
+            source, manifest = desired[key]
+            old = self._objects.get(key)
+            if old is not None and old.manifest == manifest.text:
+                obj = old if old.source == source else attrs.evolve(old, source=source)
+            else:
+                rv += 1
+                obj = _materialise(manifest, source, rv, old)
+                if old is not None:
+                    changed.add(obj.uid)
+            if obj is not old:
+                upserts.append(obj)
+            objects[key] = obj
+        removed: dict[str, StoredObject] = {}
+        for key in sorted(set(self._objects) - set(desired)):
+            rv += 1
+            removed[self._objects[key].uid] = _final(self._objects[key], rv)
+        return _Change(objects=objects, upserts=upserts, changed=changed, removed=removed, rv=rv)
+
+    def _plan(self, change: _Change, *, initial: bool) -> list[Delivery]:
+        by_uid = {obj.uid: obj for obj in self._objects.values()}
+        by_uid.update((obj.uid, obj) for obj in change.objects.values())
+        by_uid.update(change.removed)
+        old = place(self._objects)
+        if initial:
+            old |= self._acked_but_gone(change, by_uid)
+        return plan(old, place(change.objects), by_uid, change.changed, full=initial)
+
+    def _acked_but_gone(self, change: _Change, by_uid: dict[str, StoredObject]) -> Placement:
+        """Ack points of objects that no longer exist: deletes an earlier run may have lost."""
+        live = {obj.uid for obj in change.objects.values()}
+        extra: Placement = set()
+        for (node, uid), point in self._acks.items():
+            if uid in live:
+                continue
+            if uid not in by_uid:
+                stub = _stub(uid, point)
+                if stub is None:
+                    continue
+                by_uid[uid] = stub
+            extra.add((node, uid))
+        return extra
+
+    async def _send(
+        self, events: trio.MemorySendChannel[Message], deliveries: Iterable[Delivery]
+    ) -> None:
+        for delivery in deliveries:
+            if is_node_stop(delivery):
+                self._forget_node(delivery.node)
+            await events.send(to_message(delivery, _now_ms()))
+
+    # --- ack points -------------------------------------------------------------------------
+
+    def acked_version(self, node_id: str, uid: str) -> str | None:
+        point = self._acks.get((node_id, uid))
+        return point.rv if point is not None else None
+
+    def record_ack(self, node_id: str, message: Message) -> None:
+        uid = object_uid(message.content)
+        if not uid:
+            return
+        key = (node_id, uid)
+        if message.route.operation == OP_DELETE:
+            if self._acks.pop(key, None) is not None:
+                self._queue_ack(key, None)
+            return
+        rv = message.header.resource_version
+        point = AckPoint(rv=rv, resource=message.route.resource)
+        if rv and self._acks.get(key) != point:
+            self._acks[key] = point
+            self._queue_ack(key, point)
+
+    def _forget_node(self, node: str) -> None:
+        """A removed node loses its ack points (as KubeEdge garbage-collects ObjectSyncs)."""
+        for key in [key for key in self._acks if key[0] == node]:
+            del self._acks[key]
+            self._queue_ack(key, None)
+
+    def _queue_ack(self, key: AckKey, point: AckPoint | None) -> None:
+        self._pending_acks[key] = point
+        self._ack_wakeup.set()
+        if len(self._pending_acks) >= ACK_FLUSH_BATCH:
+            self._ack_batch_full.set()
+
+    async def _flush_acks_forever(self) -> None:
+        while True:
+            await self._ack_wakeup.wait()
+            with trio.move_on_after(ACK_FLUSH_INTERVAL):
+                await self._ack_batch_full.wait()
+            if not await self._flush_acks():
+                await trio.sleep(ACK_RETRY_DELAY)
+
+    async def _flush_acks(self) -> bool:
+        """Write the pending ack points in one transaction; False (logged) on failure."""
+        batch, self._pending_acks = self._pending_acks, {}
+        self._ack_wakeup, self._ack_batch_full = trio.Event(), trio.Event()
+        if not batch:
+            return True
+        try:
+            await self._db_call(self._db.write_acks, batch)
+        except BaseException as exc:
+            for key, point in batch.items():  # newer pending entries win
+                self._pending_acks.setdefault(key, point)
+            self._ack_wakeup.set()
+            if isinstance(exc, StoreError):
+                log.warning("%s; %d ack points will be retried", exc, len(batch))
+                return False
+            raise
+        return True
+
+    # --- upstream ---------------------------------------------------------------------------
+
+    async def apply_report(self, node_id: str, message: Message) -> Message | None:
+        now = _now_ms()
+        try:
+            rows = report_rows(node_id, message, now)
+        except RequestError as exc:
+            log.warning("node %s: ignoring report %s: %s", node_id, message.route.resource, exc)
+            return None
+        if rows:
+            try:
+                await self._db_call(self._db.write_reports, rows, MAX_REPORTS_PER_NODE)
+            except StoreError as exc:
+                log.warning(
+                    "node %s: report %s not stored: %s", node_id, message.route.resource, exc
+                )
+                return None
+        return report_reply(node_id, message, now)
+
+    async def answer_query(self, node_id: str, message: Message) -> Message | None:
+        now = _now_ms()
+        if is_application(message):
+            try:
+                return answer_application(node_id, message, self._objects, self._rv, now)
+            except RequestError as exc:
+                log.warning("node %s: unanswerable metaserver request: %s", node_id, exc)
+                return None
+        if is_metamanager_query(message):
+            return answer_metamanager_query(node_id, message, self._objects, now)
+        return None
+
+
+@asynccontextmanager
+async def open_local_store(
+    data_dir: Path, manifests_dir: Path, *, poll_interval: float = 1.0
+) -> AsyncIterator[LocalStore]:
+    """An open LocalStore, closed (pending ack points written) on exit."""
+    store = LocalStore(data_dir, manifests_dir, poll_interval=poll_interval)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+def _read_files(folder: Path, stamps: Mapping[str, FileStamp]) -> list[FileResult]:
+    return [read_manifest_file(folder, name, stamps[name]) for name in sorted(stamps)]
+
+
+def _materialise(
+    manifest: Manifest, source: str, rv: int, old: StoredObject | None
+) -> StoredObject:
+    """The full object: uid kept from `old` (new uuid4 otherwise), new resourceVersion."""
+    uid = old.uid if old is not None else str(uuid.uuid4())
+    created = _creation_timestamp(old)
+    metadata = dict(manifest.doc["metadata"])
+    filled = {"name": metadata.pop("name")}
+    if "namespace" in metadata:
+        filled["namespace"] = metadata.pop("namespace")
+    filled.update(uid=uid, resourceVersion=str(rv), creationTimestamp=created)
+    body = dict(manifest.doc)
+    body["metadata"] = filled | metadata
+    return StoredObject(
+        key=manifest.key, uid=uid, rv=rv, body=body, manifest=manifest.text, source=source
+    )
+
+
+def _creation_timestamp(old: StoredObject | None) -> str:
+    if old is not None:
+        created = old.body.get("metadata", {}).get("creationTimestamp")
+        if isinstance(created, str):
+            return created
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _final(obj: StoredObject, rv: int) -> StoredObject:
+    """The last version of a removed object, as a delete carries it."""
+    metadata = dict(obj.body.get("metadata", {}))
+    metadata["resourceVersion"] = str(rv)
+    return attrs.evolve(obj, rv=rv, body=obj.body | {"metadata": metadata})
+
+
+def _stub(uid: str, point: AckPoint) -> StoredObject | None:
+    """A minimal object for a delete when only the ack point is left of it."""
+    parts = split_cloud_resource(point.resource)
+    kind = KINDS_BY_TYPE.get(parts.resource_type) if parts else None
+    if parts is None or kind is None or not parts.name:
+        return None
+    namespace = "" if kind == "Node" else parts.namespace
+    rv = int(point.rv) if point.rv.isdigit() else 0
+    metadata: dict[str, Any] = {"name": parts.name}
+    if namespace:
+        metadata["namespace"] = namespace
+    metadata.update(uid=uid, resourceVersion=str(rv))
+    body = {"kind": kind, "apiVersion": "v1", "metadata": metadata}
+    return StoredObject(
+        key=ObjectKey(kind, namespace, parts.name),
+        uid=uid,
+        rv=rv,
+        body=body,
+        manifest="",
+        source="",
+    )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

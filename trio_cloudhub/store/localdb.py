@@ -1,0 +1,318 @@
+"""The SQLite file of the local store (`<data_dir>/store.db`): blocking calls only.
+
+Every method here blocks; the local store runs them in a worker thread, one at a time, on one
+connection (WAL mode, so the CLI can read while the hub writes). sqlite3 errors are
+translated into `StoreError` at this skin. Tables:
+- `meta`: the global resourceVersion counter;
+- `objects`: one row per object (kind, namespace, name, uid, resourceVersion, full JSON body,
+  the user's manifest as canonical JSON, the file it came from);
+- `ack_points`: ObjectSync semantics, (node, uid) -> acknowledged resourceVersion;
+- `reports`: the latest node and pod status each edge reported.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from trio_cloudhub.store.base import StoreError
+from trio_cloudhub.store.manifests import ObjectKey
+from trio_cloudhub.store.routing import StoredObject
+
+log = logging.getLogger("trio_cloudhub.store")
+
+DB_NAME = "store.db"
+SCHEMA_VERSION = 1
+KIND_NODE_STATUS = "nodestatus"
+KIND_POD_STATUS = "podstatus"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS objects (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL,
+    uid TEXT NOT NULL UNIQUE, resource_version INTEGER NOT NULL,
+    body TEXT NOT NULL, manifest TEXT NOT NULL, source TEXT NOT NULL,
+    PRIMARY KEY (kind, namespace, name));
+CREATE TABLE IF NOT EXISTS ack_points (
+    node TEXT NOT NULL, uid TEXT NOT NULL, resource_version TEXT NOT NULL,
+    resource TEXT NOT NULL, PRIMARY KEY (node, uid));
+CREATE TABLE IF NOT EXISTS reports (
+    kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, node TEXT NOT NULL,
+    body TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (kind, namespace, name));
+CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, updated_ms);
+"""
+
+
+@attrs.frozen(slots=True)
+class AckPoint:
+    rv: str
+    resource: str  # the acknowledged message's cloud resource, to rebuild a delete
+
+
+AckKey = tuple[str, str]  # (node, uid)
+
+
+@attrs.frozen(slots=True)
+class Loaded:
+    objects: dict[ObjectKey, StoredObject]
+    acks: dict[AckKey, AckPoint]
+    rv: int
+
+
+@attrs.frozen(slots=True)
+class ReportRow:
+    kind: str  # nodestatus or podstatus
+    namespace: str
+    name: str
+    node: str
+    body: str  # JSON text, size-bounded by the caller
+    updated_ms: int
+
+
+@attrs.frozen(slots=True)
+class Report:
+    """What an edge last reported, for `trio-cloudhub get nodes|pods`."""
+
+    kind: str  # nodestatus or podstatus
+    node: str  # the reporting edge node
+    namespace: str
+    name: str
+    updated: datetime.datetime  # UTC
+    summary: str  # e.g. "Ready", "NotReady", "Running", "Pending"
+    body: Any
+
+
+@contextmanager
+def _translated(action: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StoreError(f"store database: {action} failed: {exc}") from exc
+
+
+class Database:
+    """One connection to `store.db`; not thread-safe, the caller serialises the calls."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def open(self) -> Loaded:
+        with _translated("open"):
+            # check_same_thread off: trio's worker threads take turns, never at once.
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA busy_timeout = 5000")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+                self._migrate(conn)
+                loaded = self._load(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+            return loaded
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with _translated("close"):
+                conn.close()
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has schema {version}, newer than {SCHEMA_VERSION}")
+        with _transaction(conn):
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _load(self, conn: sqlite3.Connection) -> Loaded:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()
+        rv = int(row[0]) if row else 0
+        objects: dict[ObjectKey, StoredObject] = {}
+        query = "SELECT kind, namespace, name, uid, resource_version, body, manifest, source"
+        for record in conn.execute(query + " FROM objects"):
+            obj = _object_from_row(record)
+            if obj is not None:
+                objects[obj.key] = obj
+                rv = max(rv, obj.rv)
+        acks = {
+            (node, uid): AckPoint(str(ack_rv), resource)
+            for node, uid, ack_rv, resource in conn.execute(
+                "SELECT node, uid, resource_version, resource FROM ack_points"
+            )
+        }
+        return Loaded(objects=objects, acks=acks, rv=rv)
+
+    def write_objects(
+        self, upserts: Sequence[StoredObject], deletes: Sequence[ObjectKey], rv: int
+    ) -> None:
+        """One transaction: the changed objects and the resourceVersion counter."""
+        conn = self._connection()
+        with _translated("writing objects"), _transaction(conn):
+            conn.executemany(
+                "DELETE FROM objects WHERE kind = ? AND namespace = ? AND name = ?",
+                [(key.kind, key.namespace, key.name) for key in deletes],
+            )
+            conn.executemany(
+                "INSERT OR REPLACE INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [_object_row(obj) for obj in upserts],
+            )
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('resource_version', ?)", (str(rv),))
+
+    def write_acks(self, batch: Mapping[AckKey, AckPoint | None]) -> None:
+        """One transaction: None removes the ack point."""
+        conn = self._connection()
+        removed = [key for key, point in batch.items() if point is None]
+        kept = [(*key, p.rv, p.resource) for key, p in batch.items() if p is not None]
+        with _translated("writing ack points"), _transaction(conn):
+            conn.executemany("DELETE FROM ack_points WHERE node = ? AND uid = ?", removed)
+            conn.executemany("INSERT OR REPLACE INTO ack_points VALUES (?, ?, ?, ?)", kept)
+
+    def write_reports(self, rows: Sequence[ReportRow], max_per_node: int) -> None:
+        """Store reports; a node keeps at most `max_per_node` rows (oldest dropped)."""
+        conn = self._connection()
+        with _translated("writing reports"), _transaction(conn):
+            conn.executemany(
+                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?, ?, ?)",
+                [(r.kind, r.namespace, r.name, r.node, r.body, r.updated_ms) for r in rows],
+            )
+            for node in {row.node for row in rows}:
+                conn.execute(
+                    "DELETE FROM reports WHERE rowid IN (SELECT rowid FROM reports"
+                    " WHERE node = ? ORDER BY updated_ms DESC LIMIT -1 OFFSET ?)",
+                    (node, max_per_node),
+                )
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError("store database is not open")
+        return self._conn
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        if conn.in_transaction:  # some errors already rolled back
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _object_row(obj: StoredObject) -> tuple[str, str, str, str, int, str, str, str]:
+    key = obj.key
+    body = json.dumps(obj.body, separators=(",", ":"), ensure_ascii=False)
+    return (key.kind, key.namespace, key.name, obj.uid, obj.rv, body, obj.manifest, obj.source)
+
+
+def _object_from_row(record: tuple[Any, ...]) -> StoredObject | None:
+    kind, namespace, name, uid, rv, body, manifest, source = record
+    try:
+        decoded = json.loads(body)
+    except ValueError:
+        decoded = None
+    if not isinstance(decoded, dict):
+        log.warning(
+            "store database: skipping %s %s/%s: body is not a JSON object", kind, namespace, name
+        )
+        return None
+    key = ObjectKey(kind, namespace, name)
+    return StoredObject(
+        key=key, uid=uid, rv=int(rv), body=decoded, manifest=manifest, source=source
+    )
+
+
+# --- read-only access for the CLI -----------------------------------------------------------
+
+_REPORT_KINDS = {
+    "nodes": KIND_NODE_STATUS,
+    "node": KIND_NODE_STATUS,
+    KIND_NODE_STATUS: KIND_NODE_STATUS,
+    "pods": KIND_POD_STATUS,
+    "pod": KIND_POD_STATUS,
+    KIND_POD_STATUS: KIND_POD_STATUS,
+}
+
+
+def read_reports(data_dir: Path, kind: str) -> list[Report]:
+    """What edges reported: `kind` is nodes/nodestatus or pods/podstatus. Read-only.
+
+    A data directory without a database yields an empty list; other failures StoreError.
+    """
+    table_kind = _REPORT_KINDS.get(kind)
+    if table_kind is None:
+        raise StoreError(f"unknown report kind {kind!r} (use nodes or pods)")
+    path = Path(data_dir) / DB_NAME
+    if not path.is_file():
+        return []
+    with _translated("reading reports"):
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            rows = conn.execute(
+                "SELECT kind, node, namespace, name, updated_ms, body FROM reports"
+                " WHERE kind = ? ORDER BY namespace, name",
+                (table_kind,),
+            ).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+    return [_report(*row) for row in rows]
+
+
+def _report(kind: str, node: str, namespace: str, name: str, updated_ms: int, body: str) -> Report:
+    try:
+        decoded: Any = json.loads(body)
+    except ValueError:
+        decoded = None
+    updated = datetime.datetime.fromtimestamp(updated_ms / 1000, tz=datetime.UTC)
+    summary = node_summary(decoded) if kind == KIND_NODE_STATUS else pod_summary(decoded)
+    return Report(
+        kind=kind,
+        node=node,
+        namespace=namespace,
+        name=name,
+        updated=updated,
+        summary=summary,
+        body=decoded,
+    )
+
+
+def node_summary(report: Any) -> str:
+    """Ready / NotReady / Unknown from the Ready condition of a node status report."""
+    status = report.get("Status") if isinstance(report, dict) else None
+    conditions = status.get("conditions") if isinstance(status, dict) else None
+    for condition in conditions if isinstance(conditions, list) else []:
+        if isinstance(condition, dict) and condition.get("type") == "Ready":
+            state = condition.get("status")
+            return {"True": "Ready", "False": "NotReady"}.get(str(state), "Unknown")
+    return "Unknown"
+
+
+def pod_summary(report: Any) -> str:
+    """The pod phase, with ready containers when the report lists them."""
+    status = report.get("Status") if isinstance(report, dict) else None
+    if not isinstance(status, dict):
+        return "Unknown"
+    phase = status.get("phase")
+    summary = phase if isinstance(phase, str) and phase else "Unknown"
+    containers = status.get("containerStatuses")
+    if isinstance(containers, list) and containers:
+        ready = sum(1 for c in containers if isinstance(c, dict) and c.get("ready") is True)
+        summary += f" ({ready}/{len(containers)} ready)"
+    return summary
