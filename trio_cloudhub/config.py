@@ -134,6 +134,8 @@ class TrioCloudHub:
     manifests_dir: str = ""
     # "local" (embedded SQLite + manifests) or "kube" (a Kubernetes API server).
     store: str = ""
+    # Seconds between scans of the manifests folder (embedded store).
+    manifests_poll_interval: float = 0.25
     max_message_size: int = 64 * 1024 * 1024
     ack_timeout_seconds: float = 5.0
     ack_max_sends: int = 5
@@ -309,6 +311,8 @@ def validate(config: Config) -> list[str]:
         problems.append("must be 'local' or 'kube' @ $.trioCloudHub.store")
     if extra.max_message_size < 1024 * 1024:
         problems.append("must be at least 1048576 @ $.trioCloudHub.maxMessageSize")
+    if not 0 < extra.manifests_poll_interval <= 3600:
+        problems.append("must be in (0, 3600] @ $.trioCloudHub.manifestsPollInterval")
     if extra.ack_timeout_seconds <= 0 or extra.ack_max_sends <= 0:
         problems.append("must be > 0 @ $.trioCloudHub.ackTimeoutSeconds/ackMaxSends")
     return problems

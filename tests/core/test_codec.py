@@ -59,7 +59,10 @@ def test_non_ascii_is_written_as_utf8() -> None:
 
 
 def test_decode_accepts_bytes_trailing_newline_and_unknown_keys() -> None:
-    raw = b'{"header":{"msg_id":"m","timestamp":3,"extra":1},"route":{"x":"y"},"content":[1],"more":{}}\n'
+    raw = (
+        b'{"header":{"msg_id":"m","timestamp":3,"extra":1},"route":{"x":"y"},'
+        b'"content":[1],"more":{}}\n'
+    )
     message = codec.decode(raw)
     assert (message.msg_id, message.header.timestamp, message.content) == ("m", 3, [1])
 

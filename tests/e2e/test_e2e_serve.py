@@ -88,9 +88,7 @@ async def running_hub(tmp_path: Path) -> AsyncIterator[RunningHub]:
                 log += chunk
         found = re.search(rb"websocket port (\d+), https port (\d+)", log)
         assert found, log
-        yield RunningHub(
-            process, int(found[1]), int(found[2]), data_dir, manifests, config
-        )
+        yield RunningHub(process, int(found[1]), int(found[2]), data_dir, manifests, config)
     finally:
         if process.returncode is None:
             process.kill()
@@ -114,7 +112,9 @@ def is_object(kind: str, name: str, operation: str | None = None) -> object:
 async def test_bootstrap_connect_deliver_ack_reconnect(tmp_path: Path) -> None:
     with trio.fail_after(90):
         async with running_hub(tmp_path) as hub:
-            token = (await run_cli("token", "--config", str(hub.config), "--data-dir", str(hub.data_dir))).strip()
+            token = (
+                await run_cli("token", "--config", str(hub.config), "--data-dir", str(hub.data_dir))
+            ).strip()
             assert len(token.split(".")) == 4
             identity = await bootstrap("127.0.0.1", hub.https_port, token, NODE)
 

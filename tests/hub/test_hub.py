@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
 import trio.testing
@@ -21,8 +23,8 @@ from trio_cloudhub.testing.memory_store import MemoryStore
 pytestmark = pytest.mark.usefixtures("autojump_clock")
 
 
-async def receive(edge: MemoryEdgeEnd, timeout: float = 60.0) -> Message:
-    with trio.fail_after(timeout):
+async def receive(edge: MemoryEdgeEnd, within: float = 60.0) -> Message:
+    with trio.fail_after(within):
         return codec.decode(await edge.receive())
 
 
@@ -64,12 +66,12 @@ async def test_unacked_message_is_resent_five_times_with_same_id_then_backed_off
             await edge.send(codec.encode(keepalive_message()))
         ids = {message.msg_id for _, message in sends}
         assert len(ids) == 1
-        gaps = [b[0] - a[0] for a, b in zip(sends, sends[1:], strict=False)]
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(sends)]
         assert gaps == pytest.approx([5.0] * 4, abs=0.05)
         # After the fifth send and another 5 s the hub gives up, backs off, and retries.
         start = trio.current_time()
         await edge.send(codec.encode(keepalive_message()))
-        retried = await receive(edge, timeout=29)
+        retried = await receive(edge, within=29)
         assert retried.resource == "default/pod/web"
         assert trio.current_time() - start > 5.0
 
@@ -91,7 +93,7 @@ async def test_only_one_ack_message_in_flight_per_node() -> None:
         first = await receive(edge)
         await nothing_within(edge, 4)
         await edge.send(codec.encode(ack_for(first)))
-        second = await receive(edge, timeout=1)
+        second = await receive(edge, within=1)
         assert {first.resource, second.resource} == {"default/pod/a", "default/pod/b"}
 
 
@@ -136,7 +138,7 @@ async def test_reconnect_replaces_session_and_resends_unacked_message() -> None:
         first = await receive(old)
         new = await th.connect("n1")
         await assert_closed(old)
-        again = await receive(new, timeout=1)
+        again = await receive(new, within=1)
         assert again.resource == first.resource
         assert again.header.resource_version == "7"
         assert len(th.hub.sessions) == 1
@@ -226,7 +228,7 @@ async def test_no_ack_messages_flow_while_an_ack_message_waits() -> None:
             now_ms=0,
         )
         await th.publish(reply)
-        got = await receive(edge, timeout=1)
+        got = await receive(edge, within=1)
         assert got.operation == "applicationResponse"
         assert got.resource == "ignore/Application/ignore"
 
@@ -284,4 +286,3 @@ async def test_hub_keeps_serving_after_many_sessions_end() -> None:
             await edge.aclose()
         await trio.testing.wait_all_tasks_blocked()
         assert len(th.hub.sessions) == th_nodes // 2
-

@@ -147,8 +147,8 @@ class Hub:
         """Refuse new sessions, let in-flight ACK waits finish (bounded), then end sessions."""
         self.draining = True
         with trio.move_on_after(self.settings.drain_timeout):
-            while any(session.in_flight is not None for session in self.sessions.values()):
-                await trio.sleep(0.05)
+            for session in list(self.sessions.values()):
+                await session.settled.wait()
         for session in list(self.sessions.values()):
             session.end("hub shutting down")
 

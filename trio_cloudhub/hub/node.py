@@ -59,7 +59,17 @@ class NodeSessionHandle:
         self.remote = remote
         self.cancel_scope = trio.CancelScope()
         self.in_flight: Message | None = None
+        self.settled = trio.Event()  # set whenever nothing is in flight
+        self.settled.set()
         self.end_reason = ""
+
+    def start_flight(self, message: Message) -> None:
+        self.in_flight = message
+        self.settled = trio.Event()
+
+    def end_flight(self) -> None:
+        self.in_flight = None
+        self.settled.set()
 
     def end(self, reason: str) -> None:
         """Stop the session now and hand its in-flight message back to the queue.
@@ -74,5 +84,5 @@ class NodeSessionHandle:
     def release_in_flight(self) -> None:
         if self.in_flight is not None:
             self.entry.queue.release(self.in_flight)
-            self.in_flight = None
+            self.end_flight()
             self.entry.notify_ack_work()

@@ -78,7 +78,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
     _warn_unimplemented(config)
     credentials = await trio.to_thread.run_sync(prepare_credentials, config, data_dir)
     tokens = new_token_keeper(credentials, config)
-    store = LocalStore(data_dir, manifests_dir)
+    store = LocalStore(data_dir, manifests_dir, poll_interval=extra.manifests_poll_interval)
     hub = Hub(HubSettings.from_config(config), store)
     ready = False
 

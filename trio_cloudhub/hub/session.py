@@ -99,13 +99,13 @@ class NodeSession(NodeSessionHandle):
                 # Drain lets in-flight sends finish but starts no new one.
                 self.entry.queue.release(message)
                 break
-            self.in_flight = message
+            self.start_flight(message)
             if await self._deliver(message):
-                self.in_flight = None
+                self.end_flight()
                 self.entry.queue.acked(message)
                 self.hub.store.record_ack(self.node_id, message)
             else:
-                self.in_flight = None
+                self.end_flight()
                 self.entry.queue.failed(message, trio.current_time())
                 log.info("node %s: no ACK for %s after retries", self.node_id, message.resource)
         await trio.sleep_forever()
