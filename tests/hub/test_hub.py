@@ -7,6 +7,7 @@ import itertools
 import pytest
 import trio
 import trio.testing
+from trio.testing import MockClock
 
 from trio_cloudhub.core import codec
 from trio_cloudhub.core.message import Message, new_message
@@ -19,8 +20,6 @@ from trio_cloudhub.testing.hub import (
     open_test_hub,
 )
 from trio_cloudhub.testing.memory_store import MemoryStore
-
-pytestmark = pytest.mark.usefixtures("autojump_clock")
 
 
 async def receive(edge: MemoryEdgeEnd, within: float = 60.0) -> Message:
@@ -42,7 +41,9 @@ async def nothing_within(edge: MemoryEdgeEnd, seconds: float) -> None:
     assert scope.cancelled_caught
 
 
-async def test_pod_is_delivered_trimmed_and_ack_records_the_ack_point() -> None:
+async def test_pod_is_delivered_trimmed_and_ack_records_the_ack_point(
+    autojump_clock: MockClock,
+) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "web", rv=7))
@@ -55,7 +56,9 @@ async def test_pod_is_delivered_trimmed_and_ack_records_the_ack_point() -> None:
         assert th.store.ack_points[("n1", "uid-pod-default-web")] == "7"
 
 
-async def test_unacked_message_is_resent_five_times_with_same_id_then_backed_off() -> None:
+async def test_unacked_message_is_resent_five_times_with_same_id_then_backed_off(
+    autojump_clock: MockClock,
+) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "web", rv=7))
@@ -76,7 +79,7 @@ async def test_unacked_message_is_resent_five_times_with_same_id_then_backed_off
         assert trio.current_time() - start > 5.0
 
 
-async def test_ack_stops_retransmission() -> None:
+async def test_ack_stops_retransmission(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "web", rv=7))
@@ -85,7 +88,7 @@ async def test_ack_stops_retransmission() -> None:
         await nothing_within(edge, 20)
 
 
-async def test_only_one_ack_message_in_flight_per_node() -> None:
+async def test_only_one_ack_message_in_flight_per_node(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "a", rv=1))
@@ -97,7 +100,7 @@ async def test_only_one_ack_message_in_flight_per_node() -> None:
         assert {first.resource, second.resource} == {"default/pod/a", "default/pod/b"}
 
 
-async def test_newest_version_wins_while_node_is_away() -> None:
+async def test_newest_version_wins_while_node_is_away(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         for rv in (3, 4, 9):
             await th.publish(object_message("n1", "ConfigMap", "cfg", rv=rv, operation="update"))
@@ -108,7 +111,7 @@ async def test_newest_version_wins_while_node_is_away() -> None:
         await nothing_within(edge, 10)
 
 
-async def test_acknowledged_version_is_not_sent_again() -> None:
+async def test_acknowledged_version_is_not_sent_again(autojump_clock: MockClock) -> None:
     store = MemoryStore()
     store.ack_points[("n1", "uid-pod-default-web")] = "7"
     async with open_test_hub(store) as th:
@@ -119,7 +122,7 @@ async def test_acknowledged_version_is_not_sent_again() -> None:
         assert (await receive(edge)).header.resource_version == "8"
 
 
-async def test_reconnect_is_not_resent_what_was_acknowledged() -> None:
+async def test_reconnect_is_not_resent_what_was_acknowledged(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "web", rv=7))
@@ -131,7 +134,9 @@ async def test_reconnect_is_not_resent_what_was_acknowledged() -> None:
         await nothing_within(again, 10)
 
 
-async def test_reconnect_replaces_session_and_resends_unacked_message() -> None:
+async def test_reconnect_replaces_session_and_resends_unacked_message(
+    autojump_clock: MockClock,
+) -> None:
     async with open_test_hub() as th:
         old = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "web", rv=7))
@@ -144,7 +149,7 @@ async def test_reconnect_replaces_session_and_resends_unacked_message() -> None:
         assert len(th.hub.sessions) == 1
 
 
-async def test_keepalive_timeout_closes_the_session() -> None:
+async def test_keepalive_timeout_closes_the_session(autojump_clock: MockClock) -> None:
     async with open_test_hub(settings=HubSettings(keepalive_interval=30)) as th:
         edge = await th.connect("n1")
         start = trio.current_time()
@@ -160,7 +165,9 @@ async def assert_closed_within(edge: MemoryEdgeEnd, seconds: float) -> None:
                 await edge.receive()
 
 
-async def test_keepalives_keep_the_session_and_other_messages_do_not() -> None:
+async def test_keepalives_keep_the_session_and_other_messages_do_not(
+    autojump_clock: MockClock,
+) -> None:
     async with open_test_hub(settings=HubSettings(keepalive_interval=30)) as th:
         edge = await th.connect("n1")
         for _ in range(4):
@@ -179,7 +186,7 @@ async def test_keepalives_keep_the_session_and_other_messages_do_not() -> None:
         assert trio.current_time() - last_keepalive == pytest.approx(30, abs=0.05)
 
 
-async def test_control_message_gets_ack_reply() -> None:
+async def test_control_message_gets_ack_reply(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         ping = new_message(
@@ -195,7 +202,7 @@ async def test_control_message_gets_ack_reply() -> None:
         assert (reply.route.source, reply.route.group, reply.resource) == ("src", "grp", "res")
 
 
-async def test_empty_shutdown_message_is_ignored() -> None:
+async def test_empty_shutdown_message_is_ignored(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await edge.send('{"header":{"msg_id":"","timestamp":0},"route":{},"content":null}\n')
@@ -204,7 +211,7 @@ async def test_empty_shutdown_message_is_ignored() -> None:
         assert th.store.reports == [] and th.store.queries == []
 
 
-async def test_garbage_frame_ends_only_that_session() -> None:
+async def test_garbage_frame_ends_only_that_session(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         bad = await th.connect("bad")
         good = await th.connect("good")
@@ -214,7 +221,7 @@ async def test_garbage_frame_ends_only_that_session() -> None:
         assert (await receive(good)).resource == "default/pod/web"
 
 
-async def test_no_ack_messages_flow_while_an_ack_message_waits() -> None:
+async def test_no_ack_messages_flow_while_an_ack_message_waits(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         await th.publish(object_message("n1", "Pod", "web", rv=1))
@@ -233,7 +240,7 @@ async def test_no_ack_messages_flow_while_an_ack_message_waits() -> None:
         assert got.resource == "ignore/Application/ignore"
 
 
-async def test_node_status_report_goes_to_store_and_is_answered() -> None:
+async def test_node_status_report_goes_to_store_and_is_answered(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         report = new_message(
@@ -250,7 +257,7 @@ async def test_node_status_report_goes_to_store_and_is_answered() -> None:
         assert th.store.reports[0][0] == "n1"
 
 
-async def test_node_removal_closes_session_and_drops_queue() -> None:
+async def test_node_removal_closes_session_and_drops_queue(autojump_clock: MockClock) -> None:
     async with open_test_hub() as th:
         edge = await th.connect("n1")
         stop = new_message(
@@ -266,7 +273,7 @@ async def test_node_removal_closes_session_and_drops_queue() -> None:
         assert "n1" not in th.hub.nodes and "n1" not in th.hub.sessions
 
 
-async def test_node_limit_refuses_new_nodes_but_not_reconnects() -> None:
+async def test_node_limit_refuses_new_nodes_but_not_reconnects(autojump_clock: MockClock) -> None:
     async with open_test_hub(settings=HubSettings(node_limit=1)) as th:
         first = await th.connect("n1")
         refused = await th.connect("n2")
@@ -278,7 +285,7 @@ async def test_node_limit_refuses_new_nodes_but_not_reconnects() -> None:
         assert (await receive(again)).resource == "default/pod/web"
 
 
-async def test_hub_keeps_serving_after_many_sessions_end() -> None:
+async def test_hub_keeps_serving_after_many_sessions_end(autojump_clock: MockClock) -> None:
     th_nodes = 20
     async with open_test_hub() as th:
         edges: list[MemoryEdgeEnd] = [await th.connect(f"n{i}") for i in range(th_nodes)]

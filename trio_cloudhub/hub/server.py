@@ -91,7 +91,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
         https_port = await root.start(
             partial(serve_https, credentials, tokens, config, ready_check=lambda: ready)
         )
-        websocket_port = await root.start(_serve_edges, hub, credentials, config)
+        websocket_port = 0
+        if config.cloud_hub.websocket.enable:
+            websocket_port = await root.start(_serve_edges, hub, credentials, config)
         ready = True
         task_status.started(
             ServeInfo(

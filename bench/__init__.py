@@ -1,0 +1,1 @@
+"""Benchmarks of trio-cloudhub (see README.md)."""

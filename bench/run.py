@@ -1,0 +1,598 @@
+"""The hub benchmark: the real `serve` CLI, N simulated edges over mutual TLS on loopback.
+
+    python -m bench.run --edges 1000 [--fleet-procs 3] [--idle-seconds 30]
+                        [--scenario all|connect|idle|fanout]
+
+Each scenario prints one JSON line on stdout; progress goes to stderr. See bench/README.md.
+
+Environment (optional, for profiling the hub):
+  BENCH_PYSPY=DIR     record each phase of the hub with `py-spy record --format raw` into DIR
+  BENCH_CPROFILE=FILE run the hub under cProfile (slower!) and write its stats to FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.fleet_worker import percentiles
+from trio_cloudhub.store.localdb import DB_NAME
+from trio_cloudhub.testing.edge_sim import BootstrapError, EdgeIdentity, bootstrap, https_get
+
+REPO = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+POLL_INTERVAL = 0.05  # manifestsPollInterval used for the bench (default 0.25)
+KEEPALIVE = 15.0  # what EdgeCore sends by default
+SETTLE = 1.0  # seconds given to the hub to finish background work before a measurement
+CONFIG_MAP_NAME = "fanout"  # also in POD and CONFIG_MAP below
+FANOUT_RESOURCE = f"default/configmap/{CONFIG_MAP_NAME}"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+CONFIG = """\
+apiVersion: cloudcore.config.kubeedge.io/v1alpha1
+kind: CloudCore
+modules:
+  cloudHub:
+    advertiseAddress: [{host}]
+    nodeLimit: {node_limit}
+    tlsCAFile: {pki}/rootCA.crt
+    tlsCAKeyFile: {pki}/rootCA.key
+    tlsCertFile: {pki}/server.crt
+    tlsPrivateKeyFile: {pki}/server.key
+    websocket: {{address: {host}, port: 0}}
+    https: {{address: {host}, port: 0}}
+    unixsocket: {{enable: false}}
+trioCloudHub:
+  manifestsPollInterval: {poll}
+  logLevel: WARNING
+"""
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {{name: pod-{i}, namespace: default}}
+spec:
+  nodeName: edge-{i}
+  containers:
+  - name: app
+    image: busybox
+    envFrom: [{{configMapRef: {{name: fanout}}}}]
+"""
+CONFIG_MAP = """\
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: fanout, namespace: default}}
+data: {{generation: "{generation}", note: "trio-cloudhub fan-out benchmark"}}
+"""
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cores": os.cpu_count(), "python": platform.python_version(), "cpu": model}
+
+
+# --- the hub process ----------------------------------------------------------------------
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14, 15 of stat
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports `pid` listens on (read from /proc: works with port 0 and any log level)."""
+    inodes: set[str] = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports: set[int] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+async def is_https_ready(port: int) -> bool:
+    """True when `port` answers GET /readyz with 200 (the WebSocket port fails the TLS
+    handshake without a client certificate, so this also tells the two ports apart)."""
+    import ssl
+
+    insecure = ssl.create_default_context()
+    insecure.check_hostname = False
+    insecure.verify_mode = ssl.CERT_NONE
+    with trio.move_on_after(3):
+        try:
+            status, _ = await https_get(HOST, port, "/readyz", insecure)
+        except (BootstrapError, OSError, trio.BrokenResourceError):
+            return False
+        return status == 200
+    return False
+
+
+class Hub:
+    def __init__(self, root: Path, edges: int) -> None:
+        self.root = root
+        self.config = root / "cloudcore.yaml"
+        self.data_dir = root / "data"
+        self.manifests = root / "manifests"
+        self.log_path = root / "hub.log"
+        self.process: trio.Process | None = None
+        self.websocket_port = 0
+        self.https_port = 0
+        self.manifests.mkdir(parents=True)
+        self.config.write_text(
+            CONFIG.format(
+                host=HOST, node_limit=max(1000, edges + 10), pki=root / "no-pki", poll=POLL_INTERVAL
+            )
+        )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def write_manifests(self, edges: int) -> None:
+        pods = "---\n".join(POD.format(i=i) for i in range(edges))
+        (self.manifests / "pods.yaml").write_text(pods)
+        self.write_config_map(1)
+
+    def write_config_map(self, generation: int) -> None:
+        """Atomically (a dot file is ignored by the store, then renamed over)."""
+        temporary = self.manifests / ".configmap.yaml.tmp"
+        temporary.write_text(CONFIG_MAP.format(generation=generation))
+        os.replace(temporary, self.manifests / "configmap.yaml")
+
+    def serve_command(self) -> list[str]:
+        command = [sys.executable, "-m", "trio_cloudhub", "serve", "--config", str(self.config)]
+        command += ["--data-dir", str(self.data_dir), "--manifests", str(self.manifests)]
+        profile = os.environ.get("BENCH_CPROFILE")
+        if profile:
+            command[1:1] = ["-m", "cProfile", "-o", os.path.abspath(profile)]
+        return command
+
+    async def start(self) -> None:
+        command = self.serve_command()
+        with self.log_path.open("wb") as stderr:
+            self.process = await trio.lowlevel.open_process(
+                command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=self.root
+            )
+        with trio.fail_after(60):
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"hub exited early:\n{self.log_path.read_text()}")
+                ports = listening_ports(self.pid)
+                if len(ports) >= 2:
+                    for port in sorted(ports):
+                        if await is_https_ready(port):
+                            self.https_port = port
+                            self.websocket_port = next(p for p in ports if p != port)
+                            return
+                await trio.sleep(0.1)
+
+    async def token(self) -> str:
+        command = [sys.executable, "-m", "trio_cloudhub", "token", "--config", str(self.config)]
+        command += ["--data-dir", str(self.data_dir)]
+        result = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
+        return str(result.stdout.decode()).strip()
+
+    def recorded_acks(self) -> int:
+        """Ack points the hub stored for the config map's current version (hub-side proof)."""
+        db = sqlite3.connect(f"file:{self.data_dir / DB_NAME}?mode=ro", uri=True, timeout=5)
+        try:
+            row = db.execute(
+                "SELECT uid, resource_version FROM objects WHERE kind = 'ConfigMap' AND name = ?",
+                (CONFIG_MAP_NAME,),
+            ).fetchone()
+            if row is None:
+                return 0
+            (count,) = db.execute(
+                "SELECT count(*) FROM ack_points WHERE uid = ? AND resource_version = ?",
+                (row[0], str(row[1])),
+            ).fetchone()
+            return int(count)
+        finally:
+            db.close()
+
+    async def stop(self) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            with trio.move_on_after(30):
+                return await self.process.wait()
+            self.process.kill()
+        return await self.process.wait()
+
+
+def profile_path(folder: str, phase: str) -> str:
+    os.makedirs(folder, exist_ok=True)
+    return os.path.abspath(os.path.join(folder, f"{phase}.txt"))
+
+
+@asynccontextmanager
+async def pyspy(hub: Hub, phase: str) -> AsyncIterator[None]:
+    """With BENCH_PYSPY=DIR: a raw (collapsed stacks) profile of the hub during the block."""
+    folder = os.environ.get("BENCH_PYSPY")
+    if not folder:
+        yield
+        return
+    output = profile_path(folder, phase)
+    command = ["py-spy", "record", "--pid", str(hub.pid), "--format", "raw", "--nonblocking"]
+    command += ["--rate", "200", "--output", str(output)]
+    process = await trio.lowlevel.open_process(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    await trio.sleep(0.5)  # let it attach
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            process.send_signal(signal.SIGINT)
+            with trio.move_on_after(15):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        log(f"py-spy profile of {phase}: {output}")
+
+
+# --- the fleet processes ------------------------------------------------------------------
+
+
+class Worker:
+    """One `bench.fleet_worker` process and the events it printed."""
+
+    def __init__(self, process: trio.Process, first: int, count: int) -> None:
+        self.process = process
+        self.first = first
+        self.count = count
+        self.events: dict[str, dict[str, Any]] = {}
+        self.ended = False
+        self._changed = trio.Event()
+
+    async def read_events(self) -> None:
+        assert self.process.stdout is not None
+        buffer = b""
+        try:
+            async for chunk in self.process.stdout:
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    self.events[event["event"]] = event
+                    self._changed.set()
+                    self._changed = trio.Event()
+        finally:
+            self.ended = True
+            self._changed.set()
+
+    async def wait(self, name: str) -> dict[str, Any]:
+        while name not in self.events:
+            if self.ended:
+                raise RuntimeError(f"fleet process {self.process.pid} ended before {name!r}")
+            await self._changed.wait()
+        return self.events[name]
+
+    async def send(self, command: str) -> None:
+        assert self.process.stdin is not None
+        with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await self.process.stdin.send_all(command.encode() + b"\n")
+
+
+async def wait_all(workers: Sequence[Worker], name: str, within: float) -> list[dict[str, Any]]:
+    with trio.fail_after(within):
+        return [await worker.wait(name) for worker in workers]
+
+
+def write_identity(folder: Path, identity: EdgeIdentity) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"ca": folder / "ca.crt", "cert": folder / "edge.crt", "key": folder / "edge.key"}
+    files["ca"].write_bytes(identity.ca_pem)
+    files["cert"].write_bytes(identity.cert_pem)
+    files["key"].write_bytes(identity.key_pem)
+    files["key"].chmod(0o600)
+    return files
+
+
+async def start_workers(
+    nursery: trio.Nursery,
+    hub: Hub,
+    identity: dict[str, Path],
+    edges: int,
+    procs: int,
+    concurrency: int,
+    lifetime: float,
+) -> list[Worker]:
+    procs = max(1, min(procs, edges))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    workers: list[Worker] = []
+    first = 0
+    for index in range(procs):
+        count = edges // procs + (1 if index < edges % procs else 0)
+        command = [sys.executable, "-m", "bench.fleet_worker", "--host", HOST]
+        command += ["--port", str(hub.websocket_port), "--start", str(first), "--count", str(count)]
+        command += ["--ca", str(identity["ca"]), "--cert", str(identity["cert"])]
+        command += ["--key", str(identity["key"]), "--concurrency", str(concurrency)]
+        command += ["--keepalive", str(KEEPALIVE), "--fanout-resource", FANOUT_RESOURCE]
+        command += ["--timeout", str(lifetime)]
+        process = await trio.lowlevel.open_process(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO
+        )
+        worker = Worker(process, first, count)
+        nursery.start_soon(worker.read_events)
+        workers.append(worker)
+        first += count
+    return workers
+
+
+async def stop_workers(workers: Sequence[Worker]) -> list[dict[str, Any]]:
+    for worker in workers:
+        await worker.send("stop")
+    done: list[dict[str, Any]] = []
+    for worker in workers:
+        with trio.move_on_after(15):
+            await worker.process.wait()
+        if worker.process.returncode is None:
+            worker.process.kill()
+            await worker.process.wait()
+        if "done" in worker.events:
+            done.append(worker.events["done"])
+    return done
+
+
+# --- scenarios ----------------------------------------------------------------------------
+
+
+def emit(figures: dict[str, Any]) -> None:
+    print(json.dumps({**figures, "machine": machine()}), flush=True)
+
+
+async def run(args: argparse.Namespace) -> int:
+    scenarios = {"connect", "idle", "fanout"} if args.scenario == "all" else {args.scenario}
+    n = args.edges
+    # A bound on the fleet processes' lives: they stop by themselves after this.
+    fleet_timeout = 240.0 + args.idle_seconds + n / 10
+    with tempfile.TemporaryDirectory(prefix="cloudhub-bench-") as folder:
+        hub = Hub(Path(folder), n)
+        hub.write_manifests(n)
+        workers: list[Worker] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                await hub.start()
+                log(f"hub pid {hub.pid}: websocket {hub.websocket_port}, https {hub.https_port}")
+                token = await hub.token()
+                identity = await bootstrap(HOST, hub.https_port, token, "bench-edge")
+                files = write_identity(Path(folder, "identity"), identity)
+                workers = await start_workers(
+                    nursery, hub, files, n, args.fleet_procs, args.concurrency, fleet_timeout
+                )
+                await wait_all(workers, "ready", 120)
+                await trio.sleep(SETTLE)
+                rss_before = rss_kb(hub.pid)
+                baseline: dict[str, Any] = {}
+                if "idle" in scenarios:
+                    window = min(5.0, args.idle_seconds)
+                    cpu0 = cpu_seconds(hub.pid)
+                    await trio.sleep(window)
+                    baseline = {
+                        "hub_cpu_s_per_idle_minute_no_edges": round(
+                            (cpu_seconds(hub.pid) - cpu0) * 60 / window, 3
+                        )
+                    }
+
+                # 1. connect
+                log(f"connecting {n} edges from {len(workers)} processes")
+                async with pyspy(hub, "connect"):
+                    cpu0 = cpu_seconds(hub.pid)
+                    go = time.time()
+                    for worker in workers:
+                        await worker.send("go")
+                    connected = await wait_all(workers, "connected", 120 + n / 10)
+                    connect_cpu = cpu_seconds(hub.pid) - cpu0
+                ok = sum(event["connected"] for event in connected)
+                failed = sum(event["failed"] for event in connected)
+                connect_s = max(event["done_unix"] for event in connected) - go
+                if "connect" in scenarios:
+                    times = [t for event in connected for t in event["connect_times_ms"]]
+                    emit(
+                        {
+                            "scenario": "connect",
+                            "edges": n,
+                            "connected": ok,
+                            "failed": failed,
+                            "failures": {k: v for e in connected for k, v in e["failures"].items()},
+                            "fleet_procs": len(workers),
+                            "handshakes_in_flight": len(workers) * args.concurrency,
+                            "connect_all_s": round(connect_s, 3),
+                            "handshakes_per_s": round(ok / connect_s, 1),
+                            "edge_connect_ms": percentiles(times),
+                            "hub_cpu_s": round(connect_cpu, 3),
+                            "hub_cpu_ms_per_handshake": round(connect_cpu * 1000 / max(ok, 1), 3),
+                            "tls": "mutual TLS, one shared edge identity bootstrapped via HTTPS",
+                        }
+                    )
+                if ok == 0:
+                    raise RuntimeError(f"no edge connected: {connected}")
+
+                # 2. idle
+                if scenarios & {"idle", "fanout"}:
+                    log("waiting for the initial sync (pod + config map) to be ACKed")
+                    synced = await wait_all(workers, "synced", 60 + n / 20)
+                    await trio.sleep(SETTLE)
+                if "idle" in scenarios:
+                    rss_after = rss_kb(hub.pid)
+                    log(f"idle for {args.idle_seconds} s")
+                    async with pyspy(hub, "idle"):
+                        cpu0 = cpu_seconds(hub.pid)
+                        began = time.monotonic()
+                        await trio.sleep(args.idle_seconds)
+                        idle_cpu = cpu_seconds(hub.pid) - cpu0
+                        idle_window = time.monotonic() - began
+                    emit(
+                        {
+                            "scenario": "idle",
+                            "edges": n,
+                            "connected": sum(event["edges"] for event in synced),
+                            "initial_sync_acks": sum(event["acks"] for event in synced),
+                            "hub_rss_kb_before_connect": rss_before,
+                            "hub_rss_kb_after_sync": rss_after,
+                            "hub_kb_per_edge": round((rss_after - rss_before) / max(ok, 1), 2),
+                            "idle_s": round(idle_window, 2),
+                            "hub_cpu_s": round(idle_cpu, 3),
+                            "hub_cpu_s_per_idle_minute": round(idle_cpu * 60 / idle_window, 3),
+                            **baseline,
+                            "edge_keepalive_s": KEEPALIVE,
+                            "manifests_poll_interval_s": POLL_INTERVAL,
+                            "note": "idle CPU includes polling the manifests folder every "
+                            f"{POLL_INTERVAL} s (default 0.25 s); *_no_edges is that alone",
+                        }
+                    )
+
+                # 3. fan-out
+                if "fanout" in scenarios:
+                    log("fan-out: rewriting the config map")
+                    async with pyspy(hub, "fanout"):
+                        cpu0 = cpu_seconds(hub.pid)
+                        t0 = time.time()
+                        hub.write_config_map(2)
+                        results = await wait_all(workers, "fanout", 60 + n / 20)
+                        await trio.sleep(0.25)  # the hub handles the last ACKs
+                        fanout_cpu = cpu_seconds(hub.pid) - cpu0
+                        cpu_window = time.time() - t0
+                    arrivals = [at for event in results for at in event["arrivals"]]
+                    latencies = [(at - t0) * 1000 for at in arrivals]
+                    recorded = 0
+                    with trio.move_on_after(5):
+                        while True:
+                            recorded = await trio.to_thread.run_sync(hub.recorded_acks)
+                            if recorded >= len(arrivals):
+                                break
+                            await trio.sleep(0.2)
+                    all_s = max(arrivals) - t0 if arrivals else float("nan")
+                    spread = max(arrivals) - min(arrivals) if arrivals else float("nan")
+                    emit(
+                        {
+                            "scenario": "fanout",
+                            "edges": n,
+                            "received": len(arrivals),
+                            "acked_by_edges": sum(event["acked"] for event in results),
+                            "acks_recorded_by_hub": recorded,
+                            "all_received_s": round(all_s, 4),
+                            "messages_per_s": round(len(arrivals) / all_s, 1),
+                            "messages_per_s_first_to_last": round((len(arrivals) - 1) / spread, 1)
+                            if spread > 0
+                            else None,
+                            "latency_ms": percentiles(latencies, 1),
+                            "hub_cpu_s": round(fanout_cpu, 3),
+                            "hub_cpu_window_s": round(cpu_window, 3),
+                            "hub_cpu_s_per_1000_messages": round(
+                                fanout_cpu / max(len(arrivals), 1) * 1000, 3
+                            ),
+                            "manifests_poll_interval_s": POLL_INTERVAL,
+                            "note": "latency is from just before the ConfigMap file write to "
+                            "arrival at the edge and includes up to one manifests poll interval",
+                        }
+                    )
+                done = await stop_workers(workers)
+                log(
+                    "fleet: "
+                    + json.dumps(
+                        {
+                            "still_connected": sum(d.get("still_connected", 0) for d in done),
+                            "keepalives": sum(d.get("keepalives", 0) for d in done),
+                            "timed_out": any(d["timed_out"] for d in done),
+                            "fleet_cpu_s": round(sum(d["cpu_s"] for d in done), 2),
+                            "closed": {k: v for d in done for k, v in d.get("closed", {}).items()},
+                        }
+                    )
+                )
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                for worker in workers:
+                    if worker.process.returncode is None:
+                        worker.process.kill()
+                        await worker.process.wait()
+                code = await hub.stop()
+                log(f"hub stopped with exit code {code}")
+                problems = [
+                    line
+                    for line in hub.log_path.read_text(errors="replace").splitlines()
+                    if "WARNING" in line or "ERROR" in line or "Traceback" in line
+                ]
+                if problems:
+                    log(f"hub log has {len(problems)} warnings/errors, first ones:")
+                    for line in problems[:5]:
+                        log("  " + line)
+    return 0
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser.add_argument("--edges", type=int, default=1000)
+    parser.add_argument("--fleet-procs", type=int, default=3)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--scenario", choices=("all", "connect", "idle", "fanout"), default="all")
+    parser.add_argument(
+        "--concurrency", type=int, default=50, help="handshakes in flight per fleet process"
+    )
+    args = parser.parse_args(argv)
+    if args.edges < 1 or args.fleet_procs < 1 or args.idle_seconds <= 0:
+        parser.error("--edges and --fleet-procs must be >= 1, --idle-seconds > 0")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return trio.run(run, parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
