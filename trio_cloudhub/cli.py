@@ -15,9 +15,18 @@ from pathlib import Path
 
 import trio
 
-from trio_cloudhub.config import MAX_CONFIG_BYTES, Config, ConfigError, dump_config, parse_config
-from trio_cloudhub.http.certs_store import CredentialsError
+from trio_cloudhub.config import (
+    MAX_CONFIG_BYTES,
+    Config,
+    ConfigError,
+    dump_config,
+    evolve,
+    parse_config,
+)
+from trio_cloudhub.http.certs_store import CredentialsError, current_token
+from trio_cloudhub.hub.server import ServeInfo, serve
 from trio_cloudhub.store.base import StoreError
+from trio_cloudhub.store.local import read_reports
 
 log = logging.getLogger("trio_cloudhub")
 
@@ -43,8 +52,6 @@ def load_config(path: str | None) -> Config:
 
 def effective_config(args: argparse.Namespace) -> Config:
     """The file's settings with the command-line flags on top."""
-    from trio_cloudhub.config import evolve
-
     config = load_config(args.config)
     data_dir = args.data_dir or config.trio_cloud_hub.data_dir or str(default_data_dir())
     manifests = getattr(args, "manifests", None) or config.trio_cloud_hub.manifests_dir
@@ -116,24 +123,27 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _serve_until_signal(config: Config) -> None:
-    from trio_cloudhub.hub.server import serve
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            info = await nursery.start(serve, config)
-            _log_ready(info)
-            async for signum in signals:
-                log.info("%s received: draining", signal.Signals(signum).name)
-                await info.hub.drain()
-                nursery.cancel_scope.cancel()
-                break
+    started: list[ServeInfo] = []
+    async with trio.open_nursery() as nursery:
+        # Watch signals from the start: one that arrives during start-up stops it cleanly.
+        nursery.start_soon(_drain_on_signal, nursery.cancel_scope, started)
+        info = await nursery.start(serve, config)
+        started.append(info)
+        _log_ready(info)
     log.info("stopped")
 
 
-def _log_ready(info: object) -> None:
-    from trio_cloudhub.hub.server import ServeInfo
+async def _drain_on_signal(scope: trio.CancelScope, started: list[ServeInfo]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: draining", signal.Signals(signum).name)
+            if started:
+                await started[0].hub.drain()
+            scope.cancel()
+            return
 
-    assert isinstance(info, ServeInfo)
+
+def _log_ready(info: ServeInfo) -> None:
     log.info(
         "serving: websocket port %d, https port %d, data dir %s, manifests %s",
         info.websocket_port,
@@ -147,15 +157,11 @@ def _log_ready(info: object) -> None:
 
 
 def _token(config: Config, args: argparse.Namespace) -> int:
-    from trio_cloudhub.http.certs_store import current_token
-
     print(current_token(Path(config.trio_cloud_hub.data_dir), config))
     return 0
 
 
 def _get(config: Config, args: argparse.Namespace) -> int:
-    from trio_cloudhub.store.local import read_reports
-
     kind = "nodestatus" if args.what == "nodes" else "podstatus"
     reports = read_reports(Path(config.trio_cloud_hub.data_dir), kind)
     rows = [("NAME", "NODE", "STATUS", "REPORTED")]

@@ -131,6 +131,6 @@ def _warn_unimplemented(config: Config) -> None:
     if hub.quic.enable:
         log.warning("quic.enable is set but the QUIC transport is not implemented yet")
     if hub.unixsocket.enable:
-        log.warning("unixsocket.enable is set but the Unix-socket server is not implemented yet")
+        log.info("unixsocket.enable is set; the Unix-socket server is not implemented yet")
     if not hub.websocket.enable:
         log.warning("websocket.enable is false: no edge can connect")
