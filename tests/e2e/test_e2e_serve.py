@@ -7,6 +7,8 @@ pod and its config map from manifests, ACKs, reconnects and is not re-sent what 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import signal
@@ -20,7 +22,7 @@ import attrs
 import pytest
 import trio
 
-from trio_cloudhub.core.message import Message
+from trio_cloudhub.core.message import Message, new_message
 from trio_cloudhub.testing.edge_sim import bootstrap, open_sim_edge
 
 NODE = "edge-1"
@@ -100,6 +102,18 @@ async def run_cli(*args: str) -> str:
     return str(result.stdout.decode())
 
 
+def node_status_report() -> Message:
+    status = {"conditions": [{"type": "Ready", "status": "True", "reason": "EdgeReady"}]}
+    return new_message(
+        source="edged",
+        group="meta",
+        operation="update",
+        resource=f"default/nodestatus/{NODE}",
+        content={"UID": "node-uid", "Status": status, "ExtendResources": None},
+        now_ms=0,
+    )
+
+
 def is_object(kind: str, name: str, operation: str | None = None) -> object:
     def match(message: Message) -> bool:
         resource = message.resource.split("/")
@@ -137,6 +151,17 @@ async def test_bootstrap_connect_deliver_ack_reconnect(tmp_path: Path) -> None:
                 update = await again.expect(is_object("configmap", "web-config", "update"), 15)
                 assert update.content["data"] == {"mode": "two"}
                 assert int(update.header.resource_version) > int(config_map.header.resource_version)
+
+                answer = await again.query_application("/core/v1/configmaps/default/web-config")
+                assert answer.content["Status"] == "Approved"
+                body = json.loads(base64.b64decode(answer.content["RespBody"]))
+                assert body["data"] == {"mode": "two"}
+
+                await again.send_message(node_status_report())
+                await again.expect(lambda m: m.content == "OK" and "nodestatus" in m.resource, 10)
+
+            table = await run_cli("get", "nodes", "--data-dir", str(hub.data_dir))
+            assert re.search(rf"^{NODE}\s+{NODE}\s+Ready\s", table, re.MULTILINE), table
 
             hub.process.send_signal(signal.SIGTERM)
             with trio.fail_after(15):
