@@ -27,19 +27,20 @@ import resource
 import ssl
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from typing import Any
 
 import trio
 
-from trio_cloudhub.core.message import GROUP_RESOURCE, OP_UPDATE
-from trio_cloudhub.testing.edge_sim import SimEdge, open_fleet
+from trio_cloudhub.core.message import GROUP_RESOURCE, OP_UPDATE, Message
+from trio_cloudhub.testing.edge_sim import Predicate, SimEdge, SimEdgeDisconnected, open_fleet
 
-POLL = 0.02  # how often the worker checks its edges (arrival times are recorded exactly)
+ACK_POLL = 0.005  # only while the last ACK sends finish (SimEdge wakes waiters on arrival)
 
 
-def percentiles(values: Sequence[float], digits: int = 3) -> dict[str, float]:
-    """Nearest-rank p50/p99 and max ({} for no values)."""
+def percentiles(values: Sequence[float], digits: int = 3, *, low: bool = False) -> dict[str, float]:
+    """Nearest-rank p50/p99 and max, with `low` also min ({} for no values)."""
     if not values:
         return {}
     ordered = sorted(values)
@@ -48,11 +49,18 @@ def percentiles(values: Sequence[float], digits: int = 3) -> dict[str, float]:
         index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
         return round(ordered[index], digits)
 
-    return {"p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], digits)}
+    found = {"min": round(ordered[0], digits)} if low else {}
+    return {**found, "p50": pick(0.5), "p99": pick(0.99), "max": round(ordered[-1], digits)}
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)
 
 
 def emit(event: str, **fields: Any) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
+    """One event line; every event carries this process's CPU seconds so far."""
+    print(json.dumps({"event": event, "cpu_s": cpu_s(), **fields}), flush=True)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -73,22 +81,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def is_fanout(edge: SimEdge, resource_name: str) -> float | None:
-    """Arrival (trio clock) of the fan-out update on `edge`, None if not there yet."""
-    for item in edge.received:
-        route = item.message.route
-        if (
+def is_resource(message: Message) -> bool:
+    return message.route.group == GROUP_RESOURCE
+
+
+def is_update_of(resource_name: str) -> Predicate:
+    def match(message: Message) -> bool:
+        route = message.route
+        return (
             route.operation == OP_UPDATE
-            and route.group == GROUP_RESOURCE
-            and route.resource == resource_name
-        ):
-            return item.at
-    return None
+            and is_resource(message)
+            and (route.resource == resource_name)
+        )
+
+    return match
 
 
-def synced(edge: SimEdge, count: int) -> bool:
-    resources = sum(1 for item in edge.received if item.message.route.group == GROUP_RESOURCE)
-    return resources >= count and edge.acks_sent >= count
+def arrival(edge: SimEdge, predicate: Predicate) -> float | None:
+    """When (trio clock) the first message matching `predicate` arrived on `edge`."""
+    return next((item.at for item in edge.received if predicate(item.message)), None)
+
+
+async def on_every_edge(
+    edges: Sequence[SimEdge], wait: Callable[[SimEdge], Awaitable[object]]
+) -> None:
+    """Run `wait` for every edge at once until all returned or their edge disconnected: one
+    task per edge, woken on arrival, so no polling loop competes with the hub for the CPU."""
+
+    async def one(edge: SimEdge) -> None:
+        with suppress(SimEdgeDisconnected):
+            await wait(edge)
+
+    async with trio.open_nursery() as nursery:
+        for edge in edges:
+            nursery.start_soon(one, edge)
+
+
+async def acks_at_least(edges: Sequence[SimEdge], count: int) -> None:
+    """The simulator ACKs right after recording a message; let those sends finish."""
+    while any(e.connected and e.acks_sent < count for e in edges):  # noqa: ASYNC110
+        await trio.sleep(ACK_POLL)
 
 
 async def read_commands(stdin: trio.lowlevel.FdStream, got: dict[str, trio.Event]) -> None:
@@ -134,36 +166,26 @@ async def run_phases(
             connect_times_ms=[round(t * 1000, 2) for t in fleet.connect_times],
         )
         async with trio.open_nursery() as nursery:
+            fanout_on = is_update_of(args.fanout_resource)
 
             async def phases() -> None:
-                # Polling on purpose: SimEdge wakes waiters on arrival, not after its ACK.
-                while not all(synced(e, args.sync_messages) for e in fleet.connected):  # noqa: ASYNC110
-                    await trio.sleep(POLL)
+                await on_every_edge(
+                    fleet.edges, lambda e: e.wait_for_messages(args.sync_messages, math.inf)
+                )
+                await acks_at_least(fleet.edges, args.sync_messages)
                 emit(
                     "synced",
                     unix=time.time(),
                     edges=len(fleet.connected),
                     acks=sum(e.acks_sent for e in fleet.edges),
                 )
-                arrivals: dict[str, float] = {}
-                acked = 0
-                pending = list(fleet.edges)
-                while pending:
-                    still: list[SimEdge] = []
-                    for edge in pending:
-                        at = is_fanout(edge, args.fanout_resource)
-                        if at is not None and edge.acks_sent > args.sync_messages:
-                            arrivals[edge.node_id] = round(at + wall_offset, 6)
-                            acked += 1
-                        elif edge.connected:
-                            still.append(edge)
-                    pending = still
-                    if pending:
-                        await trio.sleep(POLL)
+                await on_every_edge(fleet.edges, lambda e: e.expect(fanout_on, math.inf))
+                await acks_at_least(fleet.edges, args.sync_messages + 1)
+                arrivals = [at for e in fleet.edges if (at := arrival(e, fanout_on)) is not None]
                 emit(
                     "fanout",
-                    arrivals=list(arrivals.values()),
-                    acked=acked,
+                    arrivals=[round(at + wall_offset, 6) for at in arrivals],
+                    acked=sum(1 for e in fleet.edges if e.acks_sent > args.sync_messages),
                     connected=len(fleet.connected),
                 )
                 await trio.sleep_forever()
@@ -201,12 +223,10 @@ async def amain(args: argparse.Namespace) -> None:
             summary = await run_phases(args, context, got)
             nursery.cancel_scope.cancel()
         timed_out = False
-    usage = resource.getrusage(resource.RUSAGE_SELF)
     emit(
         "done",
         timed_out=timed_out,
-        cpu_s=round(usage.ru_utime + usage.ru_stime, 3),
-        max_rss_kb=usage.ru_maxrss,
+        max_rss_kb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         **summary,
     )
 

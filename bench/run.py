@@ -7,7 +7,9 @@ Each scenario prints one JSON line on stdout; progress goes to stderr. See bench
 
 Environment (optional, for profiling the hub):
   BENCH_PYSPY=DIR     record each phase of the hub with `py-spy record --format raw` into DIR
+                      (samples per second: BENCH_PYSPY_RATE, default 200)
   BENCH_CPROFILE=FILE run the hub under cProfile (slower!) and write its stats to FILE
+  BENCH_POLL_INTERVAL the hub's manifestsPollInterval (default 0.05 s) to isolate its cost
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from bench.fleet_worker import percentiles
@@ -35,7 +38,8 @@ from trio_cloudhub.testing.edge_sim import BootstrapError, EdgeIdentity, bootstr
 
 REPO = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
-POLL_INTERVAL = 0.05  # manifestsPollInterval used for the bench (default 0.25)
+# manifestsPollInterval of the bench (the hub's default is 0.25); BENCH_POLL_INTERVAL overrides
+POLL_INTERVAL = float(os.environ.get("BENCH_POLL_INTERVAL", "0.05"))
 KEEPALIVE = 15.0  # what EdgeCore sends by default
 SETTLE = 1.0  # seconds given to the hub to finish background work before a measurement
 CONFIG_MAP_NAME = "fanout"  # also in POD and CONFIG_MAP below
@@ -105,10 +109,32 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14, 15 of stat
+@attrs.frozen
+class Cpu:
+    """CPU time of a whole process (all its threads), in seconds."""
+
+    user: float
+    system: float
+
+    @classmethod
+    def of(cls, pid: int) -> Cpu:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        # utime and stime are fields 14 and 15 of /proc/<pid>/stat, in clock ticks.
+        return cls(int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS)
+
+    @property
+    def total(self) -> float:
+        return self.user + self.system
+
+    def __sub__(self, other: Cpu) -> Cpu:
+        return Cpu(self.user - other.user, self.system - other.system)
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        return {
+            f"{prefix}_s": round(self.total, 3),
+            f"{prefix}_user_s": round(self.user, 3),
+            f"{prefix}_sys_s": round(self.system, 3),
+        }
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -260,7 +286,8 @@ async def pyspy(hub: Hub, phase: str) -> AsyncIterator[None]:
         return
     output = profile_path(folder, phase)
     command = ["py-spy", "record", "--pid", str(hub.pid), "--format", "raw", "--nonblocking"]
-    command += ["--rate", "200", "--output", str(output)]
+    rate = os.environ.get("BENCH_PYSPY_RATE", "200")
+    command += ["--rate", rate, "--output", str(output)]
     process = await trio.lowlevel.open_process(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -395,11 +422,180 @@ def emit(figures: dict[str, Any]) -> None:
     print(json.dumps({**figures, "machine": machine()}), flush=True)
 
 
+def fleet_cpu(workers: Sequence[Worker]) -> float:
+    """CPU seconds of all fleet processes so far (read from /proc like the hub's)."""
+    return sum(Cpu.of(worker.process.pid).total for worker in workers)
+
+
+class Bench:
+    """One hub, its fleet processes, and the figures of each scenario run on them."""
+
+    def __init__(self, args: argparse.Namespace, hub: Hub, workers: list[Worker]) -> None:
+        self.args = args
+        self.n: int = args.edges
+        self.hub = hub
+        self.workers = workers
+        self.connected = 0
+        self.rss_before = 0
+        self.baseline: dict[str, Any] = {}
+
+    def cpu(self) -> Cpu:
+        return Cpu.of(self.hub.pid)
+
+    async def measure_baseline(self, with_cpu: bool) -> None:
+        """Hub RSS before any edge, and its idle CPU with no edge (the manifests poll alone)."""
+        await trio.sleep(SETTLE)
+        self.rss_before = rss_kb(self.hub.pid)
+        if not with_cpu:
+            return
+        window = min(5.0, self.args.idle_seconds)
+        before = self.cpu()
+        await trio.sleep(window)
+        used = self.cpu() - before
+        self.baseline = {"hub_cpu_s_per_idle_minute_no_edges": round(used.total * 60 / window, 3)}
+
+    async def connect(self, report: bool) -> None:
+        log(f"connecting {self.n} edges from {len(self.workers)} processes")
+        async with pyspy(self.hub, "connect"):
+            fleet_before = fleet_cpu(self.workers)
+            before = self.cpu()
+            go = time.time()
+            for worker in self.workers:
+                await worker.send("go")
+            events = await wait_all(self.workers, "connected", 120 + self.n / 10)
+            used = self.cpu() - before
+            fleet_used = fleet_cpu(self.workers) - fleet_before
+        self.connected = ok = sum(event["connected"] for event in events)
+        seconds = max(event["done_unix"] for event in events) - go
+        if report:
+            times = [t for event in events for t in event["connect_times_ms"]]
+            emit(
+                {
+                    "scenario": "connect",
+                    "edges": self.n,
+                    "connected": ok,
+                    "failed": sum(event["failed"] for event in events),
+                    "failures": {k: v for e in events for k, v in e["failures"].items()},
+                    "fleet_procs": len(self.workers),
+                    "handshakes_in_flight": len(self.workers) * self.args.concurrency,
+                    "connect_all_s": round(seconds, 3),
+                    "handshakes_per_s": round(ok / seconds, 1),
+                    "edge_connect_ms": percentiles(times),
+                    **used.figures("hub_cpu"),
+                    "hub_cpu_ms_per_edge": round(used.total * 1000 / max(ok, 1), 2),
+                    "fleet_cpu_s": round(fleet_used, 2),
+                    "note": "mutual TLS with one shared edge identity bootstrapped via HTTPS; "
+                    "hub CPU includes the initial sync (pod + config map) that starts at once",
+                    **self.pinned(),
+                }
+            )
+        if ok == 0:
+            raise RuntimeError(f"no edge connected: {events}")
+
+    async def wait_synced(self) -> list[dict[str, Any]]:
+        log("waiting for the initial sync (pod + config map) to be ACKed")
+        events = await wait_all(self.workers, "synced", 60 + self.n / 20)
+        await trio.sleep(SETTLE)  # ACKs handled and flushed
+        return events
+
+    async def idle(self, synced: Sequence[dict[str, Any]]) -> None:
+        rss_after = rss_kb(self.hub.pid)
+        seconds = self.args.idle_seconds
+        log(f"idle for {seconds} s")
+        async with pyspy(self.hub, "idle"):
+            before = self.cpu()
+            began = time.monotonic()
+            await trio.sleep(seconds)
+            used = self.cpu() - before
+            window = time.monotonic() - began
+        emit(
+            {
+                "scenario": "idle",
+                "edges": self.n,
+                "connected": sum(event["edges"] for event in synced),
+                "initial_sync_acks": sum(event["acks"] for event in synced),
+                "hub_rss_kb_before_connect": self.rss_before,
+                "hub_rss_kb_after_sync": rss_after,
+                "hub_kb_per_edge": round((rss_after - self.rss_before) / max(self.connected, 1), 2),
+                "idle_s": round(window, 2),
+                **used.figures("hub_cpu"),
+                "hub_cpu_s_per_idle_minute": round(used.total * 60 / window, 3),
+                **self.baseline,
+                "edge_keepalive_s": KEEPALIVE,
+                "manifests_poll_interval_s": POLL_INTERVAL,
+                "note": f"idle CPU includes polling the manifests folder every {POLL_INTERVAL} s "
+                "(default 0.25 s); *_no_edges is the hub idle before any edge connected",
+                **self.pinned(),
+            }
+        )
+
+    async def fanout(self, synced: Sequence[dict[str, Any]]) -> None:
+        log("fan-out: rewriting the config map")
+        async with pyspy(self.hub, "fanout"):
+            fleet_before = fleet_cpu(self.workers)
+            before = self.cpu()
+            t0 = time.time()
+            self.hub.write_config_map(2)
+            events = await wait_all(self.workers, "fanout", 60 + self.n / 20)
+            await trio.sleep(0.25)  # the hub handles the last ACKs
+            used = self.cpu() - before
+            fleet_used = fleet_cpu(self.workers) - fleet_before
+            window = time.time() - t0
+        arrivals = [at for event in events for at in event["arrivals"]]
+        recorded = 0
+        with trio.move_on_after(5):
+            while recorded < len(arrivals):
+                recorded = await trio.to_thread.run_sync(self.hub.recorded_acks)
+                await trio.sleep(0.2)
+        if not arrivals:
+            raise RuntimeError(f"no edge received the fan-out: {events}")
+        all_s = max(arrivals) - t0
+        spread = max(arrivals) - min(arrivals)
+        emit(
+            {
+                "scenario": "fanout",
+                "edges": self.n,
+                "received": len(arrivals),
+                "acked_by_edges": sum(event["acked"] for event in events),
+                "acks_recorded_by_hub": recorded,
+                "all_received_s": round(all_s, 4),
+                "messages_per_s": round(len(arrivals) / all_s, 1),
+                "messages_per_s_first_to_last": round((len(arrivals) - 1) / spread, 1)
+                if spread > 0
+                else None,
+                "latency_ms": percentiles([(at - t0) * 1000 for at in arrivals], 1, low=True),
+                **used.figures("hub_cpu"),
+                "hub_cpu_window_s": round(window, 3),
+                "hub_cpu_s_per_1000_messages": round(used.total / max(len(arrivals), 1) * 1000, 3),
+                "fleet_cpu_s": round(fleet_used, 2),
+                "manifests_poll_interval_s": POLL_INTERVAL,
+                "note": "latency is from just before the ConfigMap file write to arrival at the "
+                "edge and includes up to one manifests poll interval; every edge ACKs at once",
+                **self.pinned(),
+            }
+        )
+
+    def pinned(self) -> dict[str, Any]:
+        return {"pinned": "hub on CPU 0, fleet on the others"} if self.args.pin else {}
+
+
+def pin(hub: Hub, workers: Sequence[Worker]) -> None:
+    """--pin: the hub alone on CPU 0, the fleet processes on the other CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise RuntimeError("--pin needs at least 2 CPUs")
+    os.sched_setaffinity(hub.pid, {cpus[0]})
+    for task in Path(f"/proc/{hub.pid}/task").iterdir():  # threads started before
+        os.sched_setaffinity(int(task.name), {cpus[0]})
+    for worker in workers:
+        os.sched_setaffinity(worker.process.pid, set(cpus[1:]))
+
+
 async def run(args: argparse.Namespace) -> int:
     scenarios = {"connect", "idle", "fanout"} if args.scenario == "all" else {args.scenario}
     n = args.edges
     # A bound on the fleet processes' lives: they stop by themselves after this.
-    fleet_timeout = 240.0 + args.idle_seconds + n / 10
+    fleet_lifetime = 240.0 + args.idle_seconds + n / 10
     with tempfile.TemporaryDirectory(prefix="cloudhub-bench-") as folder:
         hub = Hub(Path(folder), n)
         hub.write_manifests(n)
@@ -412,138 +608,23 @@ async def run(args: argparse.Namespace) -> int:
                 identity = await bootstrap(HOST, hub.https_port, token, "bench-edge")
                 files = write_identity(Path(folder, "identity"), identity)
                 workers = await start_workers(
-                    nursery, hub, files, n, args.fleet_procs, args.concurrency, fleet_timeout
+                    nursery, hub, files, n, args.fleet_procs, args.concurrency, fleet_lifetime
                 )
                 await wait_all(workers, "ready", 120)
-                await trio.sleep(SETTLE)
-                rss_before = rss_kb(hub.pid)
-                baseline: dict[str, Any] = {}
-                if "idle" in scenarios:
-                    window = min(5.0, args.idle_seconds)
-                    cpu0 = cpu_seconds(hub.pid)
-                    await trio.sleep(window)
-                    baseline = {
-                        "hub_cpu_s_per_idle_minute_no_edges": round(
-                            (cpu_seconds(hub.pid) - cpu0) * 60 / window, 3
-                        )
-                    }
-
-                # 1. connect
-                log(f"connecting {n} edges from {len(workers)} processes")
-                async with pyspy(hub, "connect"):
-                    cpu0 = cpu_seconds(hub.pid)
-                    go = time.time()
-                    for worker in workers:
-                        await worker.send("go")
-                    connected = await wait_all(workers, "connected", 120 + n / 10)
-                    connect_cpu = cpu_seconds(hub.pid) - cpu0
-                ok = sum(event["connected"] for event in connected)
-                failed = sum(event["failed"] for event in connected)
-                connect_s = max(event["done_unix"] for event in connected) - go
-                if "connect" in scenarios:
-                    times = [t for event in connected for t in event["connect_times_ms"]]
-                    emit(
-                        {
-                            "scenario": "connect",
-                            "edges": n,
-                            "connected": ok,
-                            "failed": failed,
-                            "failures": {k: v for e in connected for k, v in e["failures"].items()},
-                            "fleet_procs": len(workers),
-                            "handshakes_in_flight": len(workers) * args.concurrency,
-                            "connect_all_s": round(connect_s, 3),
-                            "handshakes_per_s": round(ok / connect_s, 1),
-                            "edge_connect_ms": percentiles(times),
-                            "hub_cpu_s": round(connect_cpu, 3),
-                            "hub_cpu_ms_per_handshake": round(connect_cpu * 1000 / max(ok, 1), 3),
-                            "tls": "mutual TLS, one shared edge identity bootstrapped via HTTPS",
-                        }
-                    )
-                if ok == 0:
-                    raise RuntimeError(f"no edge connected: {connected}")
-
-                # 2. idle
+                if args.pin:
+                    pin(hub, workers)
+                bench = Bench(args, hub, workers)
+                await bench.measure_baseline(with_cpu="idle" in scenarios)
+                await bench.connect(report="connect" in scenarios)
                 if scenarios & {"idle", "fanout"}:
-                    log("waiting for the initial sync (pod + config map) to be ACKed")
-                    synced = await wait_all(workers, "synced", 60 + n / 20)
-                    await trio.sleep(SETTLE)
-                if "idle" in scenarios:
-                    rss_after = rss_kb(hub.pid)
-                    log(f"idle for {args.idle_seconds} s")
-                    async with pyspy(hub, "idle"):
-                        cpu0 = cpu_seconds(hub.pid)
-                        began = time.monotonic()
-                        await trio.sleep(args.idle_seconds)
-                        idle_cpu = cpu_seconds(hub.pid) - cpu0
-                        idle_window = time.monotonic() - began
-                    emit(
-                        {
-                            "scenario": "idle",
-                            "edges": n,
-                            "connected": sum(event["edges"] for event in synced),
-                            "initial_sync_acks": sum(event["acks"] for event in synced),
-                            "hub_rss_kb_before_connect": rss_before,
-                            "hub_rss_kb_after_sync": rss_after,
-                            "hub_kb_per_edge": round((rss_after - rss_before) / max(ok, 1), 2),
-                            "idle_s": round(idle_window, 2),
-                            "hub_cpu_s": round(idle_cpu, 3),
-                            "hub_cpu_s_per_idle_minute": round(idle_cpu * 60 / idle_window, 3),
-                            **baseline,
-                            "edge_keepalive_s": KEEPALIVE,
-                            "manifests_poll_interval_s": POLL_INTERVAL,
-                            "note": "idle CPU includes polling the manifests folder every "
-                            f"{POLL_INTERVAL} s (default 0.25 s); *_no_edges is that alone",
-                        }
-                    )
-
-                # 3. fan-out
-                if "fanout" in scenarios:
-                    log("fan-out: rewriting the config map")
-                    async with pyspy(hub, "fanout"):
-                        cpu0 = cpu_seconds(hub.pid)
-                        t0 = time.time()
-                        hub.write_config_map(2)
-                        results = await wait_all(workers, "fanout", 60 + n / 20)
-                        await trio.sleep(0.25)  # the hub handles the last ACKs
-                        fanout_cpu = cpu_seconds(hub.pid) - cpu0
-                        cpu_window = time.time() - t0
-                    arrivals = [at for event in results for at in event["arrivals"]]
-                    latencies = [(at - t0) * 1000 for at in arrivals]
-                    recorded = 0
-                    with trio.move_on_after(5):
-                        while True:
-                            recorded = await trio.to_thread.run_sync(hub.recorded_acks)
-                            if recorded >= len(arrivals):
-                                break
-                            await trio.sleep(0.2)
-                    all_s = max(arrivals) - t0 if arrivals else float("nan")
-                    spread = max(arrivals) - min(arrivals) if arrivals else float("nan")
-                    emit(
-                        {
-                            "scenario": "fanout",
-                            "edges": n,
-                            "received": len(arrivals),
-                            "acked_by_edges": sum(event["acked"] for event in results),
-                            "acks_recorded_by_hub": recorded,
-                            "all_received_s": round(all_s, 4),
-                            "messages_per_s": round(len(arrivals) / all_s, 1),
-                            "messages_per_s_first_to_last": round((len(arrivals) - 1) / spread, 1)
-                            if spread > 0
-                            else None,
-                            "latency_ms": percentiles(latencies, 1),
-                            "hub_cpu_s": round(fanout_cpu, 3),
-                            "hub_cpu_window_s": round(cpu_window, 3),
-                            "hub_cpu_s_per_1000_messages": round(
-                                fanout_cpu / max(len(arrivals), 1) * 1000, 3
-                            ),
-                            "manifests_poll_interval_s": POLL_INTERVAL,
-                            "note": "latency is from just before the ConfigMap file write to "
-                            "arrival at the edge and includes up to one manifests poll interval",
-                        }
-                    )
+                    synced = await bench.wait_synced()
+                    if "idle" in scenarios:
+                        await bench.idle(synced)
+                    if "fanout" in scenarios:
+                        await bench.fanout(synced)
                 done = await stop_workers(workers)
                 log(
-                    "fleet: "
+                    "fleet at the end: "
                     + json.dumps(
                         {
                             "still_connected": sum(d.get("still_connected", 0) for d in done),
@@ -557,32 +638,43 @@ async def run(args: argparse.Namespace) -> int:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                for worker in workers:
-                    if worker.process.returncode is None:
-                        worker.process.kill()
-                        await worker.process.wait()
-                code = await hub.stop()
-                log(f"hub stopped with exit code {code}")
-                problems = [
-                    line
-                    for line in hub.log_path.read_text(errors="replace").splitlines()
-                    if "WARNING" in line or "ERROR" in line or "Traceback" in line
-                ]
-                if problems:
-                    log(f"hub log has {len(problems)} warnings/errors, first ones:")
-                    for line in problems[:5]:
-                        log("  " + line)
+                await shut_down(hub, workers)
     return 0
 
 
+async def shut_down(hub: Hub, workers: Sequence[Worker]) -> None:
+    for worker in workers:
+        if worker.process.returncode is None:
+            worker.process.kill()
+            await worker.process.wait()
+    code = await hub.stop()
+    log(f"hub stopped (SIGTERM) with exit code {code}")
+    problems = [
+        line
+        for line in hub.log_path.read_text(errors="replace").splitlines()
+        if "WARNING" in line or "ERROR" in line or "Traceback" in line
+    ]
+    if problems:
+        log(f"hub log has {len(problems)} warnings/errors, first ones:")
+        for line in problems[:5]:
+            log("  " + line)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--edges", type=int, default=1000)
     parser.add_argument("--fleet-procs", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--scenario", choices=("all", "connect", "idle", "fanout"), default="all")
     parser.add_argument(
         "--concurrency", type=int, default=50, help="handshakes in flight per fleet process"
+    )
+    parser.add_argument(
+        "--pin", action="store_true", help="hub alone on CPU 0, fleet processes on the others"
     )
     args = parser.parse_args(argv)
     if args.edges < 1 or args.fleet_procs < 1 or args.idle_seconds <= 0:
