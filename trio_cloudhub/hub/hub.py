@@ -130,7 +130,6 @@ class Hub:
         if previous is not None:
             previous.end("replaced by a new connection")
         self.sessions[node_id] = session
-        session.entry.session = session
         log.info("node %s connected from %s (project %s)", node_id, conn.remote, conn.project_id)
         try:
             await session.run()
@@ -140,7 +139,6 @@ class Hub:
         finally:
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
-                session.entry.session = None
             log.info("node %s disconnected: %s", node_id, session.end_reason or "closed")
 
     async def drain(self) -> None:

@@ -19,7 +19,6 @@ class NodeEntry:
     def __init__(self, node_id: str, no_ack_capacity: int = 1024) -> None:
         self.node_id = node_id
         self.queue = NodeQueue(no_ack_capacity=no_ack_capacity)
-        self.session: NodeSessionHandle | None = None
         self._ack_work = trio.Event()
         self._no_ack_work = trio.Event()
 
