@@ -1,7 +1,8 @@
 """Helpers for the local store tests: manifests as dicts, a running store on tmp_path.
 
 The store hands work to threads, so these tests run on the real clock with a 10 ms poll
-interval; every wait is bounded by `trio.fail_after`.
+interval (on Linux inotify usually reports a change first); every wait is bounded by
+`trio.fail_after`.
 """
 
 from __future__ import annotations

@@ -348,3 +348,34 @@ def test_local_store_implements_the_cloud_store_interface(tmp_path: Path) -> Non
     store: CloudStore = LocalStore(tmp_path / "data", tmp_path / "manifests")  # checked by mypy
     assert store.acked_version("edge-1", "uid") is None
     assert not (tmp_path / "data").exists()  # the constructor does no I/O
+
+
+async def test_conflict_loser_takes_over_when_the_winner_drops_the_object(dirs: Dirs) -> None:
+    """Only the objects of changed files are reconciled: that must include the other files'
+    definitions of the same keys."""
+    data, manifests = dirs
+    write_manifest(manifests, "a.yaml", pod("web", "edge-1"), config_map("keep"))
+    write_manifest(manifests, "b.yaml", pod("web", "edge-2"))
+    async with running_store(data, manifests) as hub:
+        [first] = hub.initial()
+        write_manifest(manifests, "b.yaml", pod("web", "edge-3"))  # still losing: nothing
+        await hub.quiet()
+        write_manifest(manifests, "a.yaml", config_map("keep"))  # a.yaml no longer has it
+        moved = await hub.take(2)
+        assert summary(moved) == [
+            ("delete", "node/edge-1/default/pod/web"),
+            ("insert", "node/edge-3/default/pod/web"),
+        ]
+        assert object_uid(moved[1].content) == object_uid(first.content)
+        assert rv_of(moved[1]) > rv_of(first)
+        write_manifest(manifests, "a.yaml", pod("web", "edge-1"))  # and back
+        assert summary(await hub.take(2)) == [
+            ("delete", "node/edge-3/default/pod/web"),
+            ("insert", "node/edge-1/default/pod/web"),
+        ]
+        (manifests / "a.yaml").unlink()
+        assert summary(await hub.take(2)) == [
+            ("delete", "node/edge-1/default/pod/web"),
+            ("insert", "node/edge-3/default/pod/web"),
+        ]
+        await hub.quiet()

@@ -14,8 +14,19 @@ How it works:
   (`acked_version`, queries) are served from memory;
 - `run` loads the database, reads every manifest file, reconciles (objects whose files went
   away while the hub was down are deleted; unchanged objects keep uid and resourceVersion),
-  sends the whole desired state plus those deletes, reports started, then polls the folder
-  every `poll_interval` seconds and sends what changed (see `routing` for who gets what);
+  sends the whole desired state plus those deletes, reports started, then rescans the folder
+  whenever it may have changed and sends what changed (see `routing` for who gets what);
+- "may have changed": on Linux an inotify watch on the folder (`watch`) wakes the store at
+  once; it waits `WATCH_DEBOUNCE` (20 ms, so an editor's write-then-rename is one sync) and
+  rescans. A slow fallback poll, every `max(WATCHED_POLL_MIN, poll_interval *
+  WATCHED_POLL_FACTOR)` seconds (5 s at the default 0.25 s), still catches what inotify
+  cannot see (another host writing on a network filesystem, symlink targets elsewhere).
+  Without inotify (other systems, `watch=False`, no inotify instance left, the folder gone
+  until it is back) the folder is polled every `poll_interval` seconds, as is a failed sync;
+- a rescan stats the folder (in a worker thread) and reads only the files whose stamp
+  changed; only the objects of those files are reconciled, and the placement (`Placer`) is
+  advanced by what changed: one edited ConfigMap used by N pods costs N messages, not a
+  new placement of every object;
 - a file that cannot be used is reported once per change and keeps its last good objects,
   also across restarts (the database remembers which file each object came from);
 - ack points are written in batches in the background (every 0.2 s or 500 pending) and
@@ -28,7 +39,7 @@ import datetime
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,12 +86,13 @@ from trio_cloudhub.store.routing import (
     KINDS_BY_TYPE,
     Delivery,
     Placement,
+    Placer,
     StoredObject,
     is_node_stop,
-    place,
     plan,
     to_message,
 )
+from trio_cloudhub.store.watch import FolderWatch, folder_watch
 
 __all__ = ["LocalStore", "Report", "StoreError", "open_local_store", "read_reports"]
 
@@ -91,6 +103,10 @@ ACK_FLUSH_BATCH = 500
 ACK_RETRY_DELAY = 1.0
 FINAL_FLUSH_TIMEOUT = 5.0
 MAX_REPORTS_PER_NODE = 10_000
+SEND_BATCH = 256  # messages sent without a checkpoint when the channel has room
+WATCH_DEBOUNCE = 0.02  # after the first change notification, before the scan
+WATCHED_POLL_FACTOR = 20  # fallback poll with inotify: poll_interval times this ...
+WATCHED_POLL_MIN = 5.0  # ... but at least this (seconds)
 
 T = TypeVar("T")
 Files = dict[str, tuple[Manifest, ...]]
@@ -104,16 +120,32 @@ class _Change:
     upserts: list[StoredObject]
     changed: set[str]  # uids whose content changed
     removed: dict[str, StoredObject]  # uid -> final version of a removed object
+    dirty: set[ObjectKey]  # keys whose object changed in any way (upserted or removed)
     rv: int
+
+
+@attrs.frozen(slots=True)
+class _Scan:
+    files: Files
+    stamps: dict[str, FileStamp]
+    touched: set[str]  # files whose manifests were replaced (read again) or removed
 
 
 class LocalStore:
     """`CloudStore` over SQLite and a folder of manifests (see the module docstring)."""
 
-    def __init__(self, data_dir: Path, manifests_dir: Path, *, poll_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        manifests_dir: Path,
+        *,
+        poll_interval: float = 1.0,
+        watch: bool = True,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.manifests_dir = Path(manifests_dir)
         self.poll_interval = poll_interval
+        self.watch = watch  # use inotify when available (see the module docstring)
         self._db = Database(self.data_dir / DB_NAME)
         self._db_lock = trio.Lock()  # one worker thread on the connection at a time
         self._open = False
@@ -127,6 +159,8 @@ class LocalStore:
         self._stamps: dict[str, FileStamp] = {}  # files as last read
         self._reported_conflicts: set[str] = set()
         self._folder_failing = False
+        self._placer = Placer()  # describes self._objects
+        self._retry_soon = False  # the last sync left something for the next poll
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -138,6 +172,7 @@ class LocalStore:
         loaded = await self._db_call(self._db.open)
         self._objects, self._acks, self._rv = loaded.objects, loaded.acks, loaded.rv
         self._files = self._files_from_db()
+        self._placer = Placer.of(self._objects)
         self._open = True
 
     async def aclose(self) -> None:
@@ -169,17 +204,19 @@ class LocalStore:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Initial sync, `started()`, then poll the folder forever (see the module docstring)."""
+        """Initial sync, `started()`, then follow the folder forever (see the module docstring)."""
         opened_here = not self._open
         await self.open()
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._flush_acks_forever)
-                await self._sync(events, initial=True)
-                task_status.started()
-                while True:
-                    await trio.sleep(self.poll_interval)
-                    await self._sync(events, initial=False)
+            # Watching before the first scan: a change during the initial sync is not missed.
+            with folder_watch(self.manifests_dir, enabled=self.watch) as watch:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._flush_acks_forever)
+                    await self._sync(events, initial=True)
+                    task_status.started()
+                    while True:
+                        await self._wait_for_change(watch)
+                        await self._sync(events, initial=False)
         finally:
             if opened_here:
                 await self.aclose()
@@ -187,14 +224,43 @@ class LocalStore:
                 with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
                     await self._flush_acks()
 
+    @property
+    def watched_poll_interval(self) -> float:
+        """Seconds between fallback polls while inotify watches the folder."""
+        return max(WATCHED_POLL_MIN, self.poll_interval * WATCHED_POLL_FACTOR)
+
+    async def _wait_for_change(self, watch: FolderWatch | None) -> None:
+        """Until the folder may have changed: a (debounced) notification, or a poll."""
+        if watch is not None and not watch.watching and watch.rearm():
+            watch.drain()
+            return  # watched again: scan for what happened meanwhile
+        if watch is None or not watch.watching or self._retry_soon:
+            await trio.sleep(self.poll_interval)
+        else:
+            with trio.move_on_after(self.watched_poll_interval):
+                await watch.wait()
+                await trio.sleep(WATCH_DEBOUNCE)
+        if watch is not None:
+            watch.drain()  # the scan that follows sees everything notified so far
+
     async def _sync(self, events: trio.MemorySendChannel[Message], *, initial: bool) -> None:
         """Read changed files, reconcile, persist, send; a failure leaves all for next time."""
-        scanned = await self._scan()
-        if scanned is None and not initial:
+        self._retry_soon = False
+        scan = await self._scan()
+        if scan is None and not initial:
             return
-        files, stamps = scanned or (self._files, self._stamps)
+        if scan is not None and not scan.touched and not initial:
+            self._stamps = scan.stamps  # nothing usable changed (broken or unstable files)
+            return
+        if scan is None:
+            scan = _Scan(self._files, self._stamps, set())
+        files, stamps = scan.files, scan.stamps
         desired = self._merge(files)
-        change = self._reconcile(desired)
+        if initial:  # everything: also drops objects whose stored manifest did not load
+            candidates: Collection[ObjectKey] = desired.keys() | self._objects.keys()
+        else:
+            candidates = self._candidates(files, scan.touched)
+        change = self._reconcile(desired, candidates)
         if change.upserts or change.removed:
             try:
                 await self._db_call(
@@ -207,6 +273,7 @@ class LocalStore:
                 if initial:  # nothing was sent yet: the hub must not start without it
                     raise
                 log.warning("%s; retrying at the next poll", exc)
+                self._retry_soon = True
                 return
         deliveries = self._plan(change, initial=initial)
         self._objects, self._rv = change.objects, change.rv
@@ -215,7 +282,7 @@ class LocalStore:
 
     # --- the folder -------------------------------------------------------------------------
 
-    async def _scan(self) -> tuple[Files, dict[str, FileStamp]] | None:
+    async def _scan(self) -> _Scan | None:
         """Files and stamps after reading what changed; None when nothing did."""
         try:
             stamps = await trio.to_thread.run_sync(stamp_folder, self.manifests_dir)
@@ -223,6 +290,7 @@ class LocalStore:
             if not self._folder_failing:  # report once, keep everything as it is
                 log.warning("cannot list manifests folder %s: %s", self.manifests_dir, exc)
             self._folder_failing = True
+            self._retry_soon = True
             return None
         self._folder_failing = False
         changed = {name: st for name, st in stamps.items() if self._stamps.get(name) != st}
@@ -232,24 +300,29 @@ class LocalStore:
         results = await trio.to_thread.run_sync(_read_files, self.manifests_dir, changed)
         files = {name: m for name, m in self._files.items() if name not in removed}
         new_stamps = {name: st for name, st in self._stamps.items() if name not in removed}
+        touched = set(removed)
         for result in results:
-            self._take_result(result, files, new_stamps)
-        return files, new_stamps
+            if self._take_result(result, files, new_stamps):
+                touched.add(result.name)
+        return _Scan(files, new_stamps, touched)
 
-    def _take_result(self, result: FileResult, files: Files, stamps: dict[str, FileStamp]) -> None:
+    def _take_result(self, result: FileResult, files: Files, stamps: dict[str, FileStamp]) -> bool:
+        """Take one file read; True when its manifests replace the previous ones."""
         name = result.name
         if result.unstable:  # being written: keep the old state, read again next poll
             stamps.pop(name, None)
-            return
+            self._retry_soon = True
+            return False
         stamps[name] = result.stamp
         if result.error:
             log.warning(
                 "manifest %s skipped: %s (its last good objects are kept)", name, result.error
             )
-            return
+            return False
         for warning in result.warnings:
             log.warning("manifest %s: %s", name, warning)
         files[name] = result.manifests
+        return True
 
     def _merge(self, files: Files) -> dict[ObjectKey, tuple[str, Manifest]]:
         desired, conflicts = merge_files(files)
@@ -270,12 +343,28 @@ class LocalStore:
 
     # --- reconciliation and routing ---------------------------------------------------------
 
-    def _reconcile(self, desired: Mapping[ObjectKey, tuple[str, Manifest]]) -> _Change:
+    def _candidates(self, files: Files, touched: Iterable[str]) -> set[ObjectKey]:
+        """Keys whose object may differ once `touched` files were read again or removed.
+
+        The objects always are the merge of `self._files`, so only keys those files define
+        (before or now) can change, including a key another file defines too (conflicts).
+        """
+        keys: set[ObjectKey] = set()
+        for name in touched:
+            keys.update(manifest.key for manifest in self._files.get(name, ()))
+            keys.update(manifest.key for manifest in files.get(name, ()))
+        return keys
+
+    def _reconcile(
+        self, desired: Mapping[ObjectKey, tuple[str, Manifest]], candidates: Collection[ObjectKey]
+    ) -> _Change:
+        """New versions (and resourceVersions, in key order) of the `candidates` keys."""
         rv = self._rv
-        objects: dict[ObjectKey, StoredObject] = {}
+        objects = dict(self._objects)
         upserts: list[StoredObject] = []
         changed: set[str] = set()
-        for key in sorted(desired):
+        dirty: set[ObjectKey] = set()
+        for key in sorted((key for key in candidates if key in desired), key=_order):
             source, manifest = desired[key]
             old = self._objects.get(key)
             if old is not None and old.manifest == manifest.text:
@@ -287,21 +376,36 @@ class LocalStore:
                     changed.add(obj.uid)
             if obj is not old:
                 upserts.append(obj)
-            objects[key] = obj
+                dirty.add(key)
+                objects[key] = obj
         removed: dict[str, StoredObject] = {}
-        for key in sorted(set(self._objects) - set(desired)):
+        gone = (key for key in candidates if key not in desired and key in self._objects)
+        for key in sorted(gone, key=_order):
             rv += 1
             removed[self._objects[key].uid] = _final(self._objects[key], rv)
-        return _Change(objects=objects, upserts=upserts, changed=changed, removed=removed, rv=rv)
+            del objects[key]
+            dirty.add(key)
+        return _Change(
+            objects=objects,
+            upserts=upserts,
+            changed=changed,
+            removed=removed,
+            dirty=dirty,
+            rv=rv,
+        )
 
     def _plan(self, change: _Change, *, initial: bool) -> list[Delivery]:
-        by_uid = {obj.uid: obj for obj in self._objects.values()}
-        by_uid.update((obj.uid, obj) for obj in change.objects.values())
+        """The deliveries of a committed change; advances the placement index with it."""
+        step = self._placer.advance(self._objects, change.objects, change.dirty, full=initial)
+        by_uid: dict[str, StoredObject] = {}
+        for objects in (self._objects, change.objects):
+            for key in step.keys:
+                obj = objects.get(key)
+                if obj is not None:
+                    by_uid[obj.uid] = obj
         by_uid.update(change.removed)
-        old = place(self._objects)
-        if initial:
-            old |= self._acked_but_gone(change, by_uid)
-        return plan(old, place(change.objects), by_uid, change.changed, full=initial)
+        old = step.old | self._acked_but_gone(change, by_uid) if initial else step.old
+        return plan(old, step.new, by_uid, change.changed, full=initial)
 
     def _acked_but_gone(self, change: _Change, by_uid: dict[str, StoredObject]) -> Placement:
         """Ack points of objects that no longer exist: deletes an earlier run may have lost."""
@@ -321,10 +425,19 @@ class LocalStore:
     async def _send(
         self, events: trio.MemorySendChannel[Message], deliveries: Iterable[Delivery]
     ) -> None:
-        for delivery in deliveries:
+        """In order; without a trip through the scheduler per message while the channel has
+        room (a checkpoint every SEND_BATCH messages and at the end)."""
+        for count, delivery in enumerate(deliveries, start=1):
             if is_node_stop(delivery):
                 self._forget_node(delivery.node)
-            await events.send(to_message(delivery, _now_ms()))
+            message = to_message(delivery, _now_ms())
+            try:
+                events.send_nowait(message)
+            except trio.WouldBlock:
+                await events.send(message)
+            if count % SEND_BATCH == 0:
+                await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint()
 
     # --- ack points -------------------------------------------------------------------------
 
@@ -419,10 +532,10 @@ class LocalStore:
 
 @asynccontextmanager
 async def open_local_store(
-    data_dir: Path, manifests_dir: Path, *, poll_interval: float = 1.0
+    data_dir: Path, manifests_dir: Path, *, poll_interval: float = 1.0, watch: bool = True
 ) -> AsyncIterator[LocalStore]:
     """An open LocalStore, closed (pending ack points written) on exit."""
-    store = LocalStore(data_dir, manifests_dir, poll_interval=poll_interval)
+    store = LocalStore(data_dir, manifests_dir, poll_interval=poll_interval, watch=watch)
     await store.open()
     try:
         yield store
@@ -431,6 +544,11 @@ async def open_local_store(
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+def _order(key: ObjectKey) -> tuple[str, str, str]:
+    """ObjectKey's own order, as a cheaper sort key."""
+    return key.kind, key.namespace, key.name
 
 
 def _read_files(folder: Path, stamps: Mapping[str, FileStamp]) -> list[FileResult]:

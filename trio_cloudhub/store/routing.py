@@ -10,6 +10,8 @@ Comparing the placement before and after a change gives the deliveries: a pair t
 is an `insert` (CloudCore sends Nodes only as `update`), a pair whose object got a new
 resourceVersion is an `update`, a pair that disappears is a `delete` (for a Node: the
 node-stop message that makes the hub close the session).
+`Placer` keeps the placement current change by change, so that a change costs what it
+touches (the store's hot path); `place()` is the same computed from scratch.
 """
 
 from __future__ import annotations
@@ -135,17 +137,146 @@ def _metadata(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def place(objects: Mapping[ObjectKey, StoredObject]) -> Placement:
-    placement: Placement = set()
-    for key, obj in objects.items():
-        if key.kind == "Node":
-            placement.add((key.name, obj.uid))
-        elif key.kind == "Pod" and (node := pod_node(obj.body)):
-            placement.add((node, obj.uid))
-            for ref in pod_references(obj.body):
-                used = objects.get(ref)
-                if used is not None:
-                    placement.add((node, used.uid))
-    return placement
+    """The placement of `objects` (what `Placer` keeps current change by change)."""
+    return Placer.of(objects).pairs(objects, objects)
+
+
+@attrs.frozen(slots=True)
+class PodPlace:
+    """Where a pod runs and what it needs there."""
+
+    node: str
+    refs: frozenset[ObjectKey]
+
+
+def pod_place(pod: Mapping[str, Any]) -> PodPlace | None:
+    """None for a pod without a node: it places nothing."""
+    node = pod_node(pod)
+    return PodPlace(node, frozenset(pod_references(pod))) if node else None
+
+
+@attrs.frozen(slots=True)
+class Step:
+    """The placement around one change: `old` and `new` hold every pair that differs, every
+    pair of a changed object and, for a node whose Node object (re)appeared, all its pairs;
+    `keys` are the objects those pairs belong to."""
+
+    old: Placement
+    new: Placement
+    keys: set[ObjectKey]
+
+
+class Placer:
+    """`place()` kept current one changed object at a time.
+
+    It holds, for each pod with a node, that node and the ConfigMaps/Secrets the pod
+    references, and for each referenced key the nodes whose pods use it (with a count), so a
+    change costs in proportion to what it touches: one ConfigMap used on 1,000 nodes is 1,000
+    pairs, not a new placement of every pod. Only pods are indexed (a pod's place depends on
+    its body alone); whether a referenced object exists is looked up in the objects given.
+    """
+
+    def __init__(self) -> None:
+        self._pods: dict[ObjectKey, PodPlace] = {}
+        self._users: dict[ObjectKey, dict[str, int]] = {}  # ref -> node -> pods there using it
+        self._pods_on: dict[str, set[ObjectKey]] = {}  # node -> its pods
+
+    @classmethod
+    def of(cls, objects: Mapping[ObjectKey, StoredObject]) -> Placer:
+        placer = cls()
+        for key, obj in objects.items():
+            if key.kind == "Pod":
+                placer._set(key, pod_place(obj.body))
+        return placer
+
+    def pairs(
+        self, keys: Iterable[ObjectKey], objects: Mapping[ObjectKey, StoredObject]
+    ) -> Placement:
+        """The pairs of the objects `keys` (those in `objects`), as indexed now."""
+        placement: Placement = set()
+        for key in keys:
+            obj = objects.get(key)
+            if obj is None:
+                continue
+            if key.kind == "Node":
+                placement.add((key.name, obj.uid))
+            elif key.kind == "Pod":
+                where = self._pods.get(key)
+                if where is not None:
+                    placement.add((where.node, obj.uid))
+            else:
+                uid = obj.uid
+                placement.update((node, uid) for node in self._users.get(key, ()))
+        return placement
+
+    def advance(
+        self,
+        old: Mapping[ObjectKey, StoredObject],
+        new: Mapping[ObjectKey, StoredObject],
+        dirty: Iterable[ObjectKey],
+        *,
+        full: bool = False,
+    ) -> Step:
+        """Move the index from `old` to `new`, which differ only in the `dirty` keys.
+
+        The step's placements are all `plan()` needs to take the edges from `old` to `new`
+        (`full`: the whole placements, for the initial sync). The index must describe `old`.
+        """
+        dirty = set(dirty)
+        keys = set(old) | set(new) if full else set(dirty)
+        moved: dict[ObjectKey, PodPlace | None] = {}
+        for key in dirty:
+            if key.kind != "Pod":
+                continue
+            obj = new.get(key)
+            before, after = self._pods.get(key), pod_place(obj.body) if obj else None
+            if before != after:
+                moved[key] = after
+                keys.update(before.refs if before else ())
+                keys.update(after.refs if after else ())
+        old_pairs = self.pairs(keys, old)
+        for key, after in moved.items():
+            self._set(key, after)
+        new_pairs = self.pairs(keys, new)
+        # A node whose Node object (re)appears gets its whole state again (see plan()):
+        # the pairs of everything on it, which are the same before and after.
+        reborn = {
+            key.name
+            for key in dirty
+            if key.kind == "Node" and key in new and (key.name, new[key].uid) not in old_pairs
+        }
+        extra: set[ObjectKey] = set()
+        for node in reborn:
+            for pod in self._pods_on.get(node, ()):
+                extra.add(pod)
+                extra.update(self._pods[pod].refs)
+        extra -= keys
+        if extra:
+            same = self.pairs(extra, new)
+            old_pairs |= same
+            new_pairs |= same
+            keys |= extra
+        return Step(old=old_pairs, new=new_pairs, keys=keys)
+
+    def _set(self, key: ObjectKey, where: PodPlace | None) -> None:
+        before = self._pods.pop(key, None)
+        if before is not None:
+            self._pods_on[before.node].discard(key)
+            if not self._pods_on[before.node]:
+                del self._pods_on[before.node]
+            for ref in before.refs:
+                users = self._users[ref]
+                users[before.node] -= 1
+                if not users[before.node]:
+                    del users[before.node]
+                    if not users:
+                        del self._users[ref]
+        if where is not None:
+            self._pods[key] = where
+            self._pods_on.setdefault(where.node, set()).add(key)
+            for ref in where.refs:
+                users = self._users.setdefault(ref, {})
+                users[where.node] = users.get(where.node, 0) + 1
 
 
 def plan(
@@ -173,9 +304,14 @@ def plan(
             upserts.append(Delivery(node, OP_INSERT, obj))
         elif uid in changed:
             upserts.append(Delivery(node, OP_UPDATE, obj))
-    deletes.sort(key=lambda d: (_DELETE_ORDER[d.obj.key.kind], d.node, d.obj.key))
-    upserts.sort(key=lambda d: (_UPSERT_ORDER[d.obj.key.kind], d.node, d.obj.key))
+    # (kind order, node, namespace, name): the order of ObjectKey, with cheaper comparisons
+    deletes.sort(key=lambda d: (_DELETE_ORDER[d.obj.key.kind], d.node, *_name(d.obj.key)))
+    upserts.sort(key=lambda d: (_UPSERT_ORDER[d.obj.key.kind], d.node, *_name(d.obj.key)))
     return deletes + upserts
+
+
+def _name(key: ObjectKey) -> tuple[str, str]:
+    return key.namespace, key.name
 
 
 def node_stop_resource(node: str) -> str:

@@ -1,0 +1,247 @@
+"""Waking on change: the inotify watch alone, then the store following the folder with it.
+
+Real clock, real files. The store tests use a poll interval of 10 s (fallback poll with the
+watch: 200 s) and wait at most 2 s, so only a notification can explain a prompt sync.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+
+from tests.store.conftest import (
+    Running,
+    config_map,
+    eventually,
+    pod,
+    write_manifest,
+)
+from trio_cloudhub.core.message import Message
+from trio_cloudhub.store import watch as watch_module
+from trio_cloudhub.store.local import WATCHED_POLL_MIN, LocalStore, open_local_store
+from trio_cloudhub.store.watch import FolderWatch, folder_watch
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
+Dirs = tuple[Path, Path]
+SLOW_POLL = 10.0
+PROMPT = 2.0  # far below the fallback poll of the watched store (200 s)
+
+
+async def notified(watch: FolderWatch) -> int:
+    with trio.fail_after(PROMPT):
+        await watch.wait()
+    return watch.drain()
+
+
+@linux_only
+async def test_watch_reports_changes_in_the_folder(tmp_path: Path) -> None:
+    with folder_watch(tmp_path) as watch:
+        assert watch is not None and watch.watching
+        assert watch.drain() == 0  # nothing pending: does not block
+        (tmp_path / "a.yaml").write_text("x: 1")
+        assert await notified(watch) >= 2  # create, modify, close
+        os.replace(tmp_path / "a.yaml", tmp_path / "b.yaml")
+        assert await notified(watch) == 2  # moved from, moved to
+        with trio.move_on_after(0.05):
+            await watch.wait()
+            raise AssertionError("no event pending after drain()")
+        (tmp_path / "b.yaml").unlink()
+        assert await notified(watch) >= 1
+        fd = watch.fileno()
+    assert watch.fileno() == -1 and not watch.watching
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed on exit
+
+
+@linux_only
+async def test_watch_ends_with_the_folder_and_rearms_on_a_new_one(tmp_path: Path) -> None:
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    with folder_watch(folder) as watch:
+        assert watch is not None
+        folder.rmdir()
+        await notified(watch)
+        assert not watch.watching
+        assert not watch.rearm()  # nothing at the path
+        folder.mkdir()
+        assert watch.rearm() and watch.watching
+        (folder / "a.yaml").write_text("x: 1")
+        assert await notified(watch) >= 1
+        # Moved away: the watch would follow the old folder, so it ends too.
+        folder.rename(tmp_path / "elsewhere")
+        await notified(watch)
+        assert not watch.watching
+
+
+def test_watch_disabled_or_unavailable_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with folder_watch(tmp_path, enabled=False) as watch:
+        assert watch is None
+
+    def no_inotify() -> object:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(watch_module, "_load", no_inotify)
+    caplog.set_level(logging.INFO, logger="trio_cloudhub.store")
+    with folder_watch(tmp_path) as watch:
+        assert watch is None
+    [record] = caplog.records
+    assert record.levelno == logging.INFO and "polling" in record.getMessage()
+
+
+# --- the store following the folder ---------------------------------------------------------
+
+
+async def started(
+    nursery: trio.Nursery, store: LocalStore, manifests: Path
+) -> tuple[Running, trio.MemorySendChannel[Message]]:
+    send, receive = trio.open_memory_channel[Message](1000)
+    with trio.fail_after(5):
+        await nursery.start(store.run, send)
+    return Running(store, receive, manifests), send
+
+
+async def next_message(running: Running) -> Message:
+    with trio.fail_after(PROMPT):
+        return await running.receive.receive()
+
+
+async def prompt(running: Running) -> list[tuple[str, str]]:
+    message = await next_message(running)
+    return [(message.route.operation, message.route.resource)]
+
+
+@linux_only
+async def test_change_is_seen_at_once_not_at_the_fallback_poll(dirs: Dirs) -> None:
+    data, manifests = dirs
+    write_manifest(manifests, "app.yaml", config_map("cfg"), pod("web", "edge-1"))
+    async with (
+        open_local_store(data, manifests, poll_interval=SLOW_POLL) as store,
+        trio.open_nursery() as nursery,
+    ):
+        assert store.watched_poll_interval == SLOW_POLL * 20
+        running, _ = await started(nursery, store, manifests)
+        assert len(running.initial()) == 1  # the pod; the unused config map goes nowhere
+        # Written in place (no rename): create/modify/close-write.
+        (manifests / "more.yaml").write_text(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: api}\nspec: {nodeName: edge-2}\n"
+        )
+        assert await prompt(running) == [("insert", "node/edge-2/default/pod/api")]
+        (manifests / "more.yaml").unlink()
+        assert await prompt(running) == [("delete", "node/edge-2/default/pod/api")]
+        nursery.cancel_scope.cancel()
+
+
+def editor_save(folder: Path, name: str, text: str, style: str) -> None:
+    """How editors and tools replace a file."""
+    path = folder / name
+    if style == "dot-temp-rename":  # kubectl-like tools, our own test helper
+        temp = folder / f".{name}.tmp"
+    elif style == "suffix-temp-rename":  # a temp name the store ignores (not .yaml)
+        temp = folder / f"{name}.part"
+    else:  # vim: keep a backup by renaming the original, then write a new file
+        os.replace(path, folder / f"{name}~")
+        temp = path
+    temp.write_text(text, encoding="utf-8")
+    if temp != path:
+        os.replace(temp, path)
+
+
+@linux_only
+@pytest.mark.parametrize("style", ["dot-temp-rename", "suffix-temp-rename", "backup-rename"])
+async def test_editor_style_saves_are_picked_up(dirs: Dirs, style: str) -> None:
+    data, manifests = dirs
+    write_manifest(manifests, "app.yaml", config_map("cfg", {"k": "1"}), pod_using_cfg())
+    async with (
+        open_local_store(data, manifests, poll_interval=SLOW_POLL) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        assert len(running.initial()) == 2
+        for generation in ("2", "3"):
+            docs = [config_map("cfg", {"k": generation}), pod_using_cfg()]
+            editor_save(manifests, "app.yaml", yaml.safe_dump_all(docs), style)
+            if style == "backup-rename":
+                # The file is missing for an instant: the debounce normally hides that, but a
+                # scan in that instant (a very busy machine) withdraws and re-inserts.
+                while (message := await next_message(running)).content.get("data") != {
+                    "k": generation
+                }:
+                    assert message.route.operation in ("delete", "insert")
+            else:
+                assert await prompt(running) == [("update", "node/edge-1/default/configmap/cfg")]
+        if style != "backup-rename":
+            await running.quiet(5)  # one sync per save, nothing twice
+        nursery.cancel_scope.cancel()
+
+
+def pod_using_cfg() -> dict[str, object]:
+    return pod("web", "edge-1", env_from=[{"configMapRef": {"name": "cfg"}}])
+
+
+async def test_fallback_polling_without_the_watch(dirs: Dirs) -> None:
+    data, manifests = dirs
+    async with (
+        open_local_store(data, manifests, poll_interval=0.01, watch=False) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/web")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_store_polls_when_inotify_is_unavailable(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_inotify() -> object:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(watch_module, "_load", no_inotify)
+    caplog.set_level(logging.INFO, logger="trio_cloudhub.store")
+    data, manifests = dirs
+    async with (
+        open_local_store(data, manifests, poll_interval=0.01) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/web")]
+        nursery.cancel_scope.cancel()
+    assert sum("polling" in r.getMessage() for r in caplog.records) == 1
+
+
+@linux_only
+async def test_folder_removed_and_recreated_is_followed_again(
+    dirs: Dirs, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, manifests = dirs
+    write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
+    # A short poll interval: it is what the store uses while the folder is not watched.
+    async with (
+        open_local_store(data, manifests, poll_interval=0.01) as store,
+        trio.open_nursery() as nursery,
+    ):
+        assert store.watched_poll_interval == WATCHED_POLL_MIN
+        running, _ = await started(nursery, store, manifests)
+        assert len(running.initial()) == 1
+        shutil.rmtree(manifests)
+        await eventually(
+            lambda: any("cannot list manifests" in r.getMessage() for r in caplog.records)
+        )
+        await running.quiet()  # the folder failing withdraws nothing
+        manifests.mkdir()
+        write_manifest(manifests, "web.yaml", pod("web", "edge-1"), pod("api", "edge-1"))
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/api")]
+        # Watched again: a change is seen well before the fallback poll (5 s).
+        write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
+        assert await prompt(running) == [("delete", "node/edge-1/default/pod/api")]
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,227 @@
+"""Change notifications for one folder: Linux inotify through ctypes, nothing elsewhere.
+
+Usage (the local store's loop; any event means "scan the folder again")::
+
+    with folder_watch(folder) as watch:  # None: not available, poll instead
+        ...
+        await watch.wait()  # until events are pending
+        watch.drain()       # consume them, then scan
+
+Rules:
+- the watch reports that *something* in the folder changed, never what: the caller scans
+  (by stat) afterwards, so lost or coalesced events (queue overflow) cost nothing;
+- events pending before `drain()` are consumed by it; anything that happens after it makes
+  `wait()` return again, so a scan that follows `drain()` misses nothing;
+- the folder itself going away (deleted, moved, unmounted) ends the watch: `watching` turns
+  False and `rearm()` watches whatever is at the path again (the caller polls meanwhile);
+- changes inotify cannot see (another host writing on a network filesystem, the target of a
+  symlink outside the folder) need the caller's slow fallback poll;
+- not Linux, or no inotify instance/watch left (`fs.inotify.max_user_*`): `folder_watch`
+  yields None after logging the reason once at info.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("trio_cloudhub.store")
+
+__all__ = ["FolderWatch", "folder_watch"]
+
+IN_MODIFY = 0x00000002
+IN_ATTRIB = 0x00000004
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_FROM = 0x00000040
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_DELETE = 0x00000200
+IN_DELETE_SELF = 0x00000400
+IN_MOVE_SELF = 0x00000800
+IN_IGNORED = 0x00008000  # the watch was removed (folder deleted, unmounted, rm_watch)
+IN_ONLYDIR = 0x01000000
+WATCH_MASK = (
+    IN_CREATE
+    | IN_DELETE
+    | IN_MODIFY
+    | IN_CLOSE_WRITE
+    | IN_MOVED_TO
+    | IN_MOVED_FROM
+    | IN_DELETE_SELF
+    | IN_MOVE_SELF
+    | IN_ATTRIB
+)
+# inotify_init1 flags are the open(2) ones (the defaults only keep other systems importing).
+IN_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0o4000)
+IN_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0o2000000)
+
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
+READ_BYTES = 64 * 1024  # one event is at most 16 + NAME_MAX + 1 bytes
+MAX_READS_PER_DRAIN = 64  # a bound per drain; what is left keeps the fd readable
+
+
+class _Inotify:
+    """The three libc calls (loaded once); OSError with errno on failure."""
+
+    def __init__(self) -> None:
+        # The C library the interpreter already uses (no ldconfig run, unlike find_library).
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._init1 = libc.inotify_init1
+        self._init1.argtypes = [ctypes.c_int]
+        self._init1.restype = ctypes.c_int
+        self._add = libc.inotify_add_watch
+        self._add.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        self._add.restype = ctypes.c_int
+        self._rm = libc.inotify_rm_watch
+        self._rm.argtypes = [ctypes.c_int, ctypes.c_int]
+        self._rm.restype = ctypes.c_int
+
+    def init(self) -> int:
+        return _checked(self._init1(IN_NONBLOCK | IN_CLOEXEC))
+
+    def add_watch(self, fd: int, path: Path, mask: int) -> int:
+        return _checked(self._add(fd, os.fsencode(path), mask))
+
+    def rm_watch(self, fd: int, wd: int) -> None:
+        _checked(self._rm(fd, wd))
+
+
+def _checked(result: int) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return result
+
+
+_inotify: _Inotify | None = None
+
+
+def _load() -> _Inotify:
+    global _inotify
+    if _inotify is None:
+        try:
+            _inotify = _Inotify()
+        except (OSError, AttributeError) as exc:  # no libc, or a libc without inotify
+            raise OSError(errno.ENOSYS, f"inotify not in libc: {exc}") from None
+    return _inotify
+
+
+class FolderWatch:
+    """inotify on one folder (see the module docstring). Not thread-safe; one waiter."""
+
+    def __init__(self, inotify: _Inotify, fd: int, folder: Path) -> None:
+        self.folder = folder
+        self._inotify = inotify
+        self._fd = fd
+        self._wd: int | None = None
+
+    @property
+    def watching(self) -> bool:
+        """The folder is watched: a change of it (or in it) makes `wait()` return."""
+        return self._wd is not None
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def rearm(self) -> bool:
+        """Watch what is at the folder's path now; False (not watching) when that fails."""
+        try:
+            self._watch()
+        except OSError:
+            return False
+        return True
+
+    def _watch(self) -> None:
+        self._forget()
+        if self._fd >= 0:
+            self._wd = self._inotify.add_watch(self._fd, self.folder, WATCH_MASK | IN_ONLYDIR)
+
+    def _forget(self) -> None:
+        """Remove the current watch, if any (it may be gone already)."""
+        wd, self._wd = self._wd, None
+        if wd is not None:
+            with suppress(OSError):  # removed by the kernel already (IN_IGNORED)
+                self._inotify.rm_watch(self._fd, wd)
+
+    async def wait(self) -> None:
+        """Until events are pending (they stay pending: `drain()` consumes them)."""
+        await trio.lowlevel.wait_readable(self._fd)
+
+    def drain(self) -> int:
+        """Consume the pending events without blocking; how many there were."""
+        count = 0
+        for _ in range(MAX_READS_PER_DRAIN):
+            try:
+                data = os.read(self._fd, READ_BYTES)
+            except BlockingIOError:
+                break
+            except OSError as exc:  # not expected; the caller's fallback poll still works
+                log.warning("manifests folder watch: read failed: %s", exc)
+                break
+            count += self._take(data)
+            if not data:
+                break
+        return count
+
+    def _take(self, data: bytes) -> int:
+        count = offset = 0
+        while offset + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            offset += _EVENT.size + length
+            count += 1
+            if wd == self._wd and mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
+                # Gone, or moved (the watch would follow the folder elsewhere): forget it.
+                self._forget()
+        return count
+
+    def close(self) -> None:
+        fd, self._fd, self._wd = self._fd, -1, None
+        if fd >= 0:
+            trio.lowlevel.notify_closing(fd)
+            os.close(fd)
+
+
+@contextmanager
+def folder_watch(folder: Path, *, enabled: bool = True) -> Iterator[FolderWatch | None]:
+    """A watch on `folder`, closed on exit; None when disabled or unavailable (logged)."""
+    watch = _open(Path(folder)) if enabled else None
+    try:
+        yield watch
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+def _open(folder: Path) -> FolderWatch | None:
+    if not sys.platform.startswith("linux"):
+        log.info("no inotify on %s: polling the manifests folder", sys.platform)
+        return None
+    try:
+        inotify = _load()
+        fd = inotify.init()
+    except OSError as exc:
+        log.info("inotify unavailable (%s): polling the manifests folder", exc.strerror or exc)
+        return None
+    watch = FolderWatch(inotify, fd, folder)
+    try:
+        watch._watch()
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return watch  # not there yet: the caller polls and calls rearm()
+        watch.close()
+        log.info(
+            "cannot watch %s with inotify (%s): polling the manifests folder",
+            folder,
+            exc.strerror or exc,
+        )
+        return None
+    return watch
