@@ -134,7 +134,8 @@ class TrioCloudHub:
     manifests_dir: str = ""
     # "local" (embedded SQLite + manifests) or "kube" (a Kubernetes API server).
     store: str = ""
-    # Seconds between scans of the manifests folder (embedded store).
+    # Seconds between scans of the manifests folder when inotify is unavailable; with inotify
+    # the store wakes on each change and polls only as a fallback (every 20x this, >= 5 s).
     manifests_poll_interval: float = 0.25
     max_message_size: int = 64 * 1024 * 1024
     ack_timeout_seconds: float = 5.0
