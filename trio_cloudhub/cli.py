@@ -117,6 +117,11 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
+    if config.store_kind != "local":
+        raise ConfigError(
+            "the Kubernetes store is not implemented yet: leave kubeAPIConfig empty "
+            "or set trioCloudHub.store: local"
+        )
     _setup_logging(config.trio_cloud_hub.log_level)
     trio.run(_serve_until_signal, config)
     return 0

@@ -196,3 +196,15 @@ async def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
 async def test_get_on_an_empty_data_dir_prints_a_header(tmp_path: Path, what: str) -> None:
     out = await run_cli("get", what, "--data-dir", str(tmp_path))
     assert out.startswith("NAME")
+
+
+async def test_kubernetes_store_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
+    config = tmp_path / "kube.yaml"
+    config.write_text("kubeAPIConfig: {kubeConfig: /nowhere/kubeconfig}\n")
+    result = await trio.run_process(
+        cli("serve", "--config", str(config), "--data-dir", str(tmp_path)),
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert b"Kubernetes store is not implemented yet" in result.stderr
