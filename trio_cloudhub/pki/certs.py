@@ -47,6 +47,21 @@ class CertAndKey:
     key_der: bytes = attrs.field(repr=False)
 
 
+def kubeedge_key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    """DigitalSignature|KeyEncipherment (spec 7.1/7.2), plus CertSign for the CA."""
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=True,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
 def random_serial() -> int:
     return secrets.randbelow(MAX_SERIAL - 1) + 1
 
@@ -86,17 +101,7 @@ def generate_ca(now: datetime) -> CertAndKey:
         .not_valid_before(start)
         .not_valid_after(start + CA_VALIDITY)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            kubeedge_key_usage(cert_sign=True),
             critical=True,
         )
         .add_extension(
@@ -152,17 +157,7 @@ def issue_certificate(
         .not_valid_before(start)
         .not_valid_after(start + validity)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=True,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            kubeedge_key_usage(cert_sign=False),
             critical=True,
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
