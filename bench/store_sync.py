@@ -82,7 +82,7 @@ async def direct_syncs(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(counter.drain, receive)
         began = time.perf_counter()
-        await store._sync(send, initial=True)
+        await store._sync(send.send_nowait, initial=True)
         initial_ms = (time.perf_counter() - began) * 1000
         changes: list[float] = []
         unchanged: list[float] = []
@@ -92,13 +92,13 @@ async def direct_syncs(
             if profile is not None:
                 profile.enable()
             began = time.perf_counter()
-            await store._sync(send, initial=False)
+            await store._sync(send.send_nowait, initial=False)
             changes.append((time.perf_counter() - began) * 1000)
             if profile is not None:
                 profile.disable()
             await counter.wait_for(expected)
             began = time.perf_counter()
-            await store._sync(send, initial=False)
+            await store._sync(send.send_nowait, initial=False)
             unchanged.append((time.perf_counter() - began) * 1000)
         nursery.cancel_scope.cancel()
     return {
@@ -115,7 +115,7 @@ async def running(
     counter = Counter()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(counter.drain, receive)
-        await nursery.start(store.run, send)
+        await nursery.start(store.run, send.send_nowait)
         await trio.sleep(0.5)
         cpu, wall = time.process_time(), time.monotonic()
         await trio.sleep(idle_seconds)

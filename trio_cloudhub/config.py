@@ -140,6 +140,11 @@ class TrioCloudHub:
     max_message_size: int = 64 * 1024 * 1024
     ack_timeout_seconds: float = 5.0
     ack_max_sends: int = 5
+    # Seconds between comparisons of every connected node's ack points with the desired
+    # state (KubeEdge's sync controller period); 0 = only when a node connects.
+    reconcile_interval_seconds: float = 5.0
+    # On SIGTERM/SIGINT: how long in-flight ACK waits may finish before sessions are closed.
+    drain_timeout_seconds: float = 5.0
     log_level: str = "INFO"
 
 
@@ -316,6 +321,10 @@ def validate(config: Config) -> list[str]:
         problems.append("must be in (0, 3600] @ $.trioCloudHub.manifestsPollInterval")
     if extra.ack_timeout_seconds <= 0 or extra.ack_max_sends <= 0:
         problems.append("must be > 0 @ $.trioCloudHub.ackTimeoutSeconds/ackMaxSends")
+    if not 0 <= extra.reconcile_interval_seconds <= 86400:
+        problems.append("must be in [0, 86400] @ $.trioCloudHub.reconcileIntervalSeconds")
+    if not 0 <= extra.drain_timeout_seconds <= 3600:
+        problems.append("must be in [0, 3600] @ $.trioCloudHub.drainTimeoutSeconds")
     return problems
 
 

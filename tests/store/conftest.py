@@ -136,7 +136,7 @@ async def running_store(data_dir: Path, manifests: Path) -> AsyncIterator[Runnin
         trio.open_nursery() as nursery,
     ):
         with trio.fail_after(WAIT):
-            await nursery.start(store.run, send)
+            await nursery.start(store.run, send.send_nowait)
         yield Running(store, receive, manifests)
         nursery.cancel_scope.cancel()
 

@@ -105,7 +105,7 @@ async def started(
 ) -> tuple[Running, trio.MemorySendChannel[Message]]:
     send, receive = trio.open_memory_channel[Message](1000)
     with trio.fail_after(5):
-        await nursery.start(store.run, send)
+        await nursery.start(store.run, send.send_nowait)
     return Running(store, receive, manifests), send
 
 

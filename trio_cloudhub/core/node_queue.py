@@ -229,6 +229,18 @@ class NodeQueue:
         """Keys whose last accepted version is remembered (bounded by distinct objects)."""
         return len(self._known)
 
+    def covers(self, key: str, resource_version: str, delete: bool) -> bool:
+        """True when `key` already holds (pending, in flight or sent) this change or a newer
+        one, so a reconciliation need not offer it: a delete when the latest is a delete, an
+        upsert when the latest is an upsert with an RV at least as high."""
+        known = self._known.get(key)
+        if known is None:
+            return False
+        if delete or known.delete:
+            return delete and known.delete
+        rv = parse_resource_version(resource_version)
+        return rv is not None and known.rv is not None and rv <= known.rv
+
     def pending(self, key: str) -> Message | None:
         """The message waiting in `key`'s slot, if any."""
         return self._pending.get(key)

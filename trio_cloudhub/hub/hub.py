@@ -1,14 +1,18 @@
-"""The hub: node registry, downstream dispatch into node queues, upstream dispatch to the store.
+"""The hub: node registry, downstream routing into node queues, upstream dispatch to the store.
 
-Downstream, each store event is routed synchronously into its node's queue (no shared FIFO
-in front of the per-node queues). Upstream, sessions hand queries and reports to one bounded
-channel; a full channel slows the reading edge rather than growing memory.
+Downstream, the store calls `route_downstream` synchronously for each message, which puts it
+in its node's queue (no shared FIFO in front of the per-node queues: a node that receives a
+burst or reconnects in a loop holds up only itself). Every `reconcile_interval`, and when a
+node connects, the node's ack points are compared with the desired state and what it missed
+is queued again (`reconcile_node`). Upstream, sessions hand queries and reports to one
+bounded channel; a full channel slows the reading edge rather than growing memory.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import attrs
 import trio
@@ -34,6 +38,7 @@ class HubSettings:
     ack_max_sends: int = 5
     max_message_size: int = 64 * 1024 * 1024
     drain_timeout: float = 5.0
+    reconcile_interval: float = 5.0
 
     @classmethod
     def from_config(cls, config: Config) -> HubSettings:
@@ -46,6 +51,8 @@ class HubSettings:
             ack_timeout=extra.ack_timeout_seconds,
             ack_max_sends=extra.ack_max_sends,
             max_message_size=extra.max_message_size,
+            drain_timeout=extra.drain_timeout_seconds,
+            reconcile_interval=extra.reconcile_interval_seconds,
         )
 
 
@@ -63,6 +70,7 @@ class Hub:
         self.nodes: dict[str, NodeEntry] = {}
         self.sessions: dict[str, NodeSession] = {}
         self.draining = False
+        self.stats: Counter[str] = Counter()  # events worth counting, e.g. refused:node-limit
         self._upstream_send, self._upstream_receive = trio.open_memory_channel[UpstreamWork](
             UPSTREAM_QUEUE
         )
@@ -78,11 +86,6 @@ class Hub:
         return entry
 
     # --- downstream -------------------------------------------------------------------
-
-    async def dispatch_downstream(self, events: trio.MemoryReceiveChannel[Message]) -> None:
-        async with events:
-            async for message in events:
-                self.route_downstream(message)
 
     def route_downstream(self, message: Message) -> None:
         kind = classify_downstream(message)
@@ -103,6 +106,34 @@ class Hub:
         else:
             log.debug("node %s not connected: dropped no-ACK %s", node_id, message.resource)
 
+    def reconcile_node(self, node_id: str) -> int:
+        """Queue what `node_id` missed according to its ack points; returns how many."""
+        entry = self.entry(node_id)
+        queued = 0
+        for missed in self.store.missed(node_id):
+            if entry.queue.covers(missed.uid, missed.resource_version, missed.delete):
+                continue
+            acked = self.store.acked_version(node_id, missed.uid)
+            if entry.queue.offer(missed.build(), acked):
+                queued += 1
+        if queued:
+            entry.notify_ack_work()
+            self.stats["reconciled"] += queued
+            log.info("node %s: reconciliation queued %d missed change(s)", node_id, queued)
+        return queued
+
+    async def reconcile_forever(self) -> None:
+        """Every `reconcile_interval` seconds, reconcile each connected node."""
+        interval = self.settings.reconcile_interval
+        if interval <= 0:
+            return
+        while True:
+            await trio.sleep(interval)
+            for count, node_id in enumerate(list(self.sessions), start=1):
+                self.reconcile_node(node_id)
+                if count % 64 == 0:
+                    await trio.lowlevel.checkpoint()
+
     def remove_node(self, node_id: str) -> None:
         """The node left the desired state: end its session, drop its queue (logged once)."""
         session = self.sessions.pop(node_id, None)
@@ -114,16 +145,13 @@ class Hub:
     # --- sessions ---------------------------------------------------------------------
 
     async def handle_connection(self, conn: EdgeConnection) -> None:
+        """Run one edge connection as the node's session; refuse it if it may not have one."""
         node_id = conn.node_id
-        if self.draining:
-            return
-        if node_id not in self.sessions and len(self.sessions) >= self.settings.node_limit:
-            log.warning(
-                "refused node %s from %s: node limit %d reached",
-                node_id,
-                conn.remote,
-                self.settings.node_limit,
-            )
+        refusal = self._refusal(node_id)
+        if refusal:
+            self.stats[f"refused:{refusal.split(':')[0]}"] += 1
+            log.warning("refused node %s from %s: %s", node_id, conn.remote, refusal)
+            await conn.aclose(refusal)
             return
         session = NodeSession(self, self.entry(node_id), conn)
         previous = self.sessions.get(node_id)
@@ -131,6 +159,7 @@ class Hub:
             previous.end("replaced by a new connection")
         self.sessions[node_id] = session
         log.info("node %s connected from %s (project %s)", node_id, conn.remote, conn.project_id)
+        self.reconcile_node(node_id)
         try:
             await session.run()
         except Exception:
@@ -140,6 +169,19 @@ class Hub:
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
             log.info("node %s disconnected: %s", node_id, session.end_reason or "closed")
+        await conn.aclose(session.end_reason)
+
+    def _refusal(self, node_id: str) -> str:
+        """Why a new connection of `node_id` gets no session ("" = it gets one).
+
+        A reconnect replaces the node's session, so it never counts against the limit twice.
+        """
+        if self.draining:
+            return "hub shutting down"
+        limit = self.settings.node_limit
+        if node_id not in self.sessions and len(self.sessions) >= limit:
+            return f"node limit: {limit} nodes connected"
+        return ""
 
     async def drain(self) -> None:
         """Refuse new sessions, let in-flight ACK waits finish (bounded), then end sessions."""

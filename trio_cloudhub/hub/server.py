@@ -1,8 +1,8 @@
 """The root of the task tree (design section 3): `serve(config, task_status)`.
 
-Order matters: certificates first (nothing can listen without them), then the downstream
-dispatcher (so the store's initial sync never blocks on a full channel), then the store (its
-`started()` means the cache is synced), then HTTPS, then the WebSocket listener, and only then
+Order matters: certificates first (nothing can listen without them), then the store, which
+hands each message straight to the hub's router (its `started()` means the cache is synced),
+then the reconciliation loop, HTTPS, the WebSocket listener, and only then
 `task_status.started(ServeInfo)`.
 """
 
@@ -18,7 +18,6 @@ import attrs
 import trio
 
 from trio_cloudhub.config import Config
-from trio_cloudhub.core.message import Message
 from trio_cloudhub.edge.websocket import serve_websocket
 from trio_cloudhub.http.certs_store import (
     HubCredentials,
@@ -32,7 +31,6 @@ from trio_cloudhub.pki.token import TokenKeeper
 from trio_cloudhub.store.local import LocalStore
 
 log = logging.getLogger("trio_cloudhub.hub")
-DOWNSTREAM_QUEUE = 256
 
 
 @attrs.frozen
@@ -83,10 +81,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
     ready = False
 
     async with trio.open_nursery() as root:
-        send, receive = trio.open_memory_channel[Message](DOWNSTREAM_QUEUE)
-        root.start_soon(hub.dispatch_downstream, receive)
         root.start_soon(hub.dispatch_upstream)
-        await root.start(store.run, send)
+        await root.start(store.run, hub.route_downstream)
+        root.start_soon(hub.reconcile_forever)
         await root.start(run_token_refresher, tokens, data_dir)
         https_port = await root.start(
             partial(serve_https, credentials, tokens, config, ready_check=lambda: ready)

@@ -10,11 +10,26 @@ writes are queued and persisted in the background.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
+import attrs
 import trio
 
 from trio_cloudhub.core.message import Message
+
+Deliver = Callable[[Message], None]
+"""Where a store hands each downstream message: the hub's router, which never blocks."""
+
+
+@attrs.frozen(slots=True)
+class Missed:
+    """A change a node has not acknowledged, built into a message only when needed."""
+
+    uid: str
+    resource_version: str
+    delete: bool
+    build: Callable[[], Message]
 
 
 class StoreError(Exception):
@@ -24,11 +39,14 @@ class StoreError(Exception):
 class CloudStore(Protocol):
     async def run(
         self,
-        events: trio.MemorySendChannel[Message],
+        deliver: Deliver,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Send the whole desired state, call `task_status.started()`, then send every change.
+        """Deliver the whole desired state, call `task_status.started()`, then every change.
+
+        `deliver` is called synchronously (no shared FIFO in front of the node queues); the
+        store yields to the scheduler between batches.
 
         Never returns; persists queued writes until cancelled (final flush shielded).
         """
@@ -51,5 +69,15 @@ class CloudStore(Protocol):
 
         The reply is in cloud resource form (`node/<id>/...`) so the hub routes it like any
         downstream message; None when the message is not a query this store answers.
+        """
+        ...
+
+    def missed(self, node_id: str) -> list[Missed]:
+        """What takes `node_id` from its ack points to the desired state (reconciliation).
+
+        An insert/update for each object meant for the node whose ack point is missing or
+        older, a delete for each ack point whose object is gone or no longer meant for it
+        (never a node stop). Empty while a change is being delivered: its own messages are
+        on their way. Like KubeEdge's sync controller comparing ObjectSyncs with objects.
         """
         ...

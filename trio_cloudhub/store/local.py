@@ -3,7 +3,7 @@
 Usage (the store must be open before the hub reads ack points)::
 
     async with open_local_store(data_dir, manifests_dir, poll_interval=1.0) as store:
-        await nursery.start(store.run, send_channel)
+        await nursery.start(store.run, hub.route_downstream)
 
 `LocalStore(...)` with `await store.open()` / `await store.aclose()` is the same without the
 context manager; `run` opens the store itself when needed (and then closes it on exit).
@@ -39,7 +39,7 @@ import datetime
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,6 +49,8 @@ import trio
 
 from trio_cloudhub.core.message import (
     OP_DELETE,
+    OP_INSERT,
+    OP_UPDATE,
     Message,
     object_uid,
     split_cloud_resource,
@@ -62,7 +64,7 @@ from trio_cloudhub.store.answers import (
     report_reply,
     report_rows,
 )
-from trio_cloudhub.store.base import StoreError
+from trio_cloudhub.store.base import Deliver, Missed, StoreError
 from trio_cloudhub.store.localdb import (
     DB_NAME,
     AckKey,
@@ -151,7 +153,7 @@ class LocalStore:
         self._open = False
         self._objects: dict[ObjectKey, StoredObject] = {}
         self._rv = 0
-        self._acks: dict[AckKey, AckPoint] = {}
+        self._acks: dict[str, dict[str, AckPoint]] = {}  # node -> uid -> ack point
         self._pending_acks: dict[AckKey, AckPoint | None] = {}
         self._ack_wakeup = trio.Event()
         self._ack_batch_full = trio.Event()
@@ -161,6 +163,7 @@ class LocalStore:
         self._folder_failing = False
         self._placer = Placer()  # describes self._objects
         self._retry_soon = False  # the last sync left something for the next poll
+        self._sending = False  # a sync is handing its messages to the hub
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -170,7 +173,10 @@ class LocalStore:
             return
         await trio.to_thread.run_sync(self._make_dirs)
         loaded = await self._db_call(self._db.open)
-        self._objects, self._acks, self._rv = loaded.objects, loaded.acks, loaded.rv
+        self._objects, self._rv = loaded.objects, loaded.rv
+        self._acks = {}
+        for (node, uid), point in loaded.acks.items():
+            self._acks.setdefault(node, {})[uid] = point
         self._files = self._files_from_db()
         self._placer = Placer.of(self._objects)
         self._open = True
@@ -200,7 +206,7 @@ class LocalStore:
 
     async def run(
         self,
-        events: trio.MemorySendChannel[Message],
+        deliver: Deliver,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -212,11 +218,11 @@ class LocalStore:
             with folder_watch(self.manifests_dir, enabled=self.watch) as watch:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._flush_acks_forever)
-                    await self._sync(events, initial=True)
+                    await self._sync(deliver, initial=True)
                     task_status.started()
                     while True:
                         await self._wait_for_change(watch)
-                        await self._sync(events, initial=False)
+                        await self._sync(deliver, initial=False)
         finally:
             if opened_here:
                 await self.aclose()
@@ -243,7 +249,7 @@ class LocalStore:
         if watch is not None:
             watch.drain()  # the scan that follows sees everything notified so far
 
-    async def _sync(self, events: trio.MemorySendChannel[Message], *, initial: bool) -> None:
+    async def _sync(self, deliver: Deliver, *, initial: bool) -> None:
         """Read changed files, reconcile, persist, send; a failure leaves all for next time."""
         self._retry_soon = False
         scan = await self._scan()
@@ -278,7 +284,7 @@ class LocalStore:
         deliveries = self._plan(change, initial=initial)
         self._objects, self._rv = change.objects, change.rv
         self._files, self._stamps = files, stamps
-        await self._send(events, deliveries)
+        await self._send(deliver, deliveries)
 
     # --- the folder -------------------------------------------------------------------------
 
@@ -411,7 +417,7 @@ class LocalStore:
         """Ack points of objects that no longer exist: deletes an earlier run may have lost."""
         live = {obj.uid for obj in change.objects.values()}
         extra: Placement = set()
-        for (node, uid), point in self._acks.items():
+        for node, uid, point in self._ack_points():
             if uid in live:
                 continue
             if uid not in by_uid:
@@ -422,49 +428,81 @@ class LocalStore:
             extra.add((node, uid))
         return extra
 
-    async def _send(
-        self, events: trio.MemorySendChannel[Message], deliveries: Iterable[Delivery]
-    ) -> None:
-        """In order; without a trip through the scheduler per message while the channel has
-        room (a checkpoint every SEND_BATCH messages and at the end)."""
-        for count, delivery in enumerate(deliveries, start=1):
-            if is_node_stop(delivery):
-                self._forget_node(delivery.node)
-            message = to_message(delivery, _now_ms())
-            try:
-                events.send_nowait(message)
-            except trio.WouldBlock:
-                await events.send(message)
-            if count % SEND_BATCH == 0:
-                await trio.lowlevel.checkpoint()
+    async def _send(self, deliver: Deliver, deliveries: Iterable[Delivery]) -> None:
+        """In order, straight into the hub's node queues; a checkpoint every SEND_BATCH
+        messages so a large change never holds the scheduler for long."""
+        self._sending = True
+        try:
+            for count, delivery in enumerate(deliveries, start=1):
+                if is_node_stop(delivery):
+                    self._forget_node(delivery.node)
+                deliver(to_message(delivery, _now_ms()))
+                if count % SEND_BATCH == 0:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
         await trio.lowlevel.checkpoint()
 
     # --- ack points -------------------------------------------------------------------------
 
     def acked_version(self, node_id: str, uid: str) -> str | None:
-        point = self._acks.get((node_id, uid))
+        point = self._acks.get(node_id, {}).get(uid)
         return point.rv if point is not None else None
+
+    def _ack_points(self) -> Iterator[tuple[str, str, AckPoint]]:
+        for node, points in self._acks.items():
+            for uid, point in points.items():
+                yield node, uid, point
 
     def record_ack(self, node_id: str, message: Message) -> None:
         uid = object_uid(message.content)
         if not uid:
             return
-        key = (node_id, uid)
+        points = self._acks.setdefault(node_id, {})
         if message.route.operation == OP_DELETE:
-            if self._acks.pop(key, None) is not None:
-                self._queue_ack(key, None)
+            if points.pop(uid, None) is not None:
+                self._queue_ack((node_id, uid), None)
+            if not points:
+                del self._acks[node_id]
             return
         rv = message.header.resource_version
         point = AckPoint(rv=rv, resource=message.route.resource)
-        if rv and self._acks.get(key) != point:
-            self._acks[key] = point
-            self._queue_ack(key, point)
+        if rv and points.get(uid) != point:
+            points[uid] = point
+            self._queue_ack((node_id, uid), point)
 
     def _forget_node(self, node: str) -> None:
         """A removed node loses its ack points (as KubeEdge garbage-collects ObjectSyncs)."""
-        for key in [key for key in self._acks if key[0] == node]:
-            del self._acks[key]
-            self._queue_ack(key, None)
+        for uid in self._acks.pop(node, {}):
+            self._queue_ack((node, uid), None)
+
+    # --- reconciliation ---------------------------------------------------------------------
+
+    def missed(self, node_id: str) -> list[Missed]:
+        """What takes `node_id` from its ack points to the desired state (see CloudStore)."""
+        if self._sending or not self._open:
+            return []  # a change is half delivered: its own messages are on their way
+        points = self._acks.get(node_id, {})
+        desired: dict[str, StoredObject] = {}
+        for key in self._placer.keys_on(node_id):
+            obj = self._objects.get(key)
+            if obj is not None:
+                desired[obj.uid] = obj
+        deliveries: list[Delivery] = []
+        for uid, obj in desired.items():
+            point = points.get(uid)
+            if point is None:
+                deliveries.append(Delivery(node_id, OP_INSERT, obj))
+            elif _rv_number(point.rv) < obj.rv:
+                deliveries.append(Delivery(node_id, OP_UPDATE, obj))
+        withdrawn = [(uid, point) for uid, point in points.items() if uid not in desired]
+        by_uid = {obj.uid: obj for obj in self._objects.values()} if withdrawn else {}
+        for uid, point in withdrawn:
+            gone = by_uid.get(uid) or _stub(uid, point)
+            # A node's own Node object going away is a node stop, never a reconciliation.
+            if gone is not None and gone.key.kind != "Node":
+                deliveries.append(Delivery(node_id, OP_DELETE, gone))
+        return [_missed(delivery) for delivery in deliveries]
 
     def _queue_ack(self, key: AckKey, point: AckPoint | None) -> None:
         self._pending_acks[key] = point
@@ -595,7 +633,7 @@ def _stub(uid: str, point: AckPoint) -> StoredObject | None:
     if parts is None or kind is None or not parts.name:
         return None
     namespace = "" if kind == "Node" else parts.namespace
-    rv = int(point.rv) if point.rv.isdigit() else 0
+    rv = _rv_number(point.rv)
     metadata: dict[str, Any] = {"name": parts.name}
     if namespace:
         metadata["namespace"] = namespace
@@ -609,6 +647,20 @@ def _stub(uid: str, point: AckPoint) -> StoredObject | None:
         manifest="",
         source="",
     )
+
+
+def _missed(delivery: Delivery) -> Missed:
+    delete = delivery.operation == OP_DELETE
+    return Missed(
+        uid=delivery.obj.uid,
+        resource_version=str(delivery.obj.rv),
+        delete=delete,
+        build=lambda: to_message(delivery, _now_ms()),
+    )
+
+
+def _rv_number(text: str) -> int:
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else 0
 
 
 def _now_ms() -> int:

@@ -209,6 +209,14 @@ class Placer:
                 placement.update((node, uid) for node in self._users.get(key, ()))
         return placement
 
+    def keys_on(self, node: str) -> set[ObjectKey]:
+        """The keys placed on `node` if they exist: its Node, its pods, what they use."""
+        keys = {ObjectKey("Node", "", node)}
+        for pod in self._pods_on.get(node, ()):
+            keys.add(pod)
+            keys.update(self._pods[pod].refs)
+        return keys
+
     def advance(
         self,
         old: Mapping[ObjectKey, StoredObject],

@@ -29,7 +29,6 @@ class TestHub:
     hub: Hub
     store: Any
     nursery: trio.Nursery
-    events: trio.MemorySendChannel[Message]
 
     async def connect(self, node_id: str, *, keepalive: bool = True) -> MemoryEdgeEnd:
         """A new edge connection for `node_id`; sends the first keepalive like EdgeCore."""
@@ -49,7 +48,11 @@ class TestHub:
                 await conn.aclose()
 
     async def publish(self, message: Message) -> None:
-        await self.events.send(message)
+        """A change of the desired state, as the store delivers it; waits until handled."""
+        if isinstance(self.store, MemoryStore):
+            self.store.publish(message)
+        else:
+            self.hub.route_downstream(message)
         await trio.testing.wait_all_tasks_blocked()
 
 
@@ -117,9 +120,8 @@ async def open_test_hub(
     store = store if store is not None else MemoryStore()
     hub = Hub(settings or HubSettings(), store)
     async with trio.open_nursery() as nursery:
-        send, receive = trio.open_memory_channel[Message](256)
-        nursery.start_soon(hub.dispatch_downstream, receive)
         nursery.start_soon(hub.dispatch_upstream)
-        await nursery.start(store.run, send)
-        yield TestHub(hub=hub, store=store, nursery=nursery, events=send)
+        await nursery.start(store.run, hub.route_downstream)
+        nursery.start_soon(hub.reconcile_forever)
+        yield TestHub(hub=hub, store=store, nursery=nursery)
         nursery.cancel_scope.cancel()

@@ -3,19 +3,32 @@
 It implements the `CloudStore` interface with dictionaries and no threads, so hub tests can
 run on trio's MockClock (autojump) — the SQLite store hands work to threads, which a jumping
 clock would overtake.
+
+The desired state is what was published (or preloaded): per node, the newest ACK-mode message
+of each object; a delete removes the object. `set_desired` changes it without delivering, as
+if the change notification had been lost, so reconciliation can be tested.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import attrs
 import trio
 
 from trio_cloudhub.core.message import (
     OP_DELETE,
+    OP_INSERT,
     Message,
+    is_delete,
+    new_msg_id,
+    node_id_of,
     object_uid,
     prefix_from_edge,
     response_to,
 )
+from trio_cloudhub.core.rules import Downstream, classify_downstream
+from trio_cloudhub.store.base import Deliver, Missed
 
 
 class MemoryStore:
@@ -24,27 +37,41 @@ class MemoryStore:
         self.reports: list[tuple[str, Message]] = []
         self.queries: list[tuple[str, Message]] = []
         self.objects: dict[str, object] = {}
-        self._events: trio.MemorySendChannel[Message] | None = None
+        self.desired: dict[str, dict[str, Message]] = {}  # node -> uid -> newest message
+        self._last_acked: dict[tuple[str, str], Message] = {}
+        self._deliver: Deliver | None = None
         self._initial: list[Message] = []
 
     def preload(self, *messages: Message) -> None:
         """Messages sent as the initial desired state when `run` starts."""
         self._initial.extend(messages)
 
-    async def publish(self, message: Message) -> None:
-        """A change of the desired state, after `run` started."""
-        assert self._events is not None, "run() has not started"
-        await self._events.send(message)
+    def publish(self, message: Message) -> None:
+        """A change of the desired state, after `run` started: remembered and delivered."""
+        assert self._deliver is not None, "run() has not started"
+        self.set_desired(message)
+        self._deliver(message)
+
+    def set_desired(self, message: Message) -> None:
+        """Change the desired state without delivering the change (a lost notification)."""
+        if classify_downstream(message) is not Downstream.ACK:
+            return
+        node, uid = node_id_of(message.resource), object_uid(message.content)
+        objects = self.desired.setdefault(node, {})
+        if is_delete(message):
+            objects.pop(uid, None)
+        else:
+            objects[uid] = message
 
     async def run(
         self,
-        events: trio.MemorySendChannel[Message],
+        deliver: Deliver,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        self._events = events
+        self._deliver = deliver
         for message in self._initial:
-            await events.send(message)
+            self.publish(message)
         task_status.started()
         await trio.sleep_forever()
 
@@ -55,8 +82,23 @@ class MemoryStore:
         key = (node_id, object_uid(message.content))
         if message.operation == OP_DELETE:
             self.ack_points.pop(key, None)
+            self._last_acked.pop(key, None)
         else:
             self.ack_points[key] = message.header.resource_version
+            self._last_acked[key] = message
+
+    def missed(self, node_id: str) -> list[Missed]:
+        desired = self.desired.get(node_id, {})
+        found: list[Missed] = []
+        for uid, message in desired.items():
+            acked = self.ack_points.get((node_id, uid))
+            rv = message.header.resource_version
+            if acked is None or int(acked) < int(rv):
+                found.append(Missed(uid, rv, False, _fresh(message, message.operation)))
+        for (node, uid), message in self._last_acked.items():
+            if node == node_id and uid not in desired:
+                found.append(Missed(uid, "", True, _fresh(message, OP_DELETE)))
+        return found
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         self.reports.append((node_id, message))
@@ -66,3 +108,12 @@ class MemoryStore:
     async def answer_query(self, node_id: str, message: Message) -> Message | None:
         self.queries.append((node_id, message))
         return None
+
+
+def _fresh(message: Message, operation: str) -> Callable[[], Message]:
+    def build() -> Message:
+        header = attrs.evolve(message.header, msg_id=new_msg_id())
+        route = attrs.evolve(message.route, operation=operation or OP_INSERT)
+        return attrs.evolve(message, header=header, route=route)
+
+    return build
