@@ -82,6 +82,12 @@ class MemoryEdgeEnd:
         self.node_id = node_id
         self._down = down
         self._up = up
+        self.hub_end: MemoryHubEnd | None = None
+
+    @property
+    def hub_close_reason(self) -> str | None:
+        """The reason the hub gave when it closed the connection (a close frame's text)."""
+        return self.hub_end.close_reason if self.hub_end is not None else None
 
     async def send(self, text: str | bytes) -> None:
         """One frame to the hub; bytes stand for a binary frame."""
@@ -123,4 +129,6 @@ def memory_connection_pair(
     down_send, down_receive = trio.open_memory_channel[str](buffer)
     up_send, up_receive = trio.open_memory_channel[str | bytes](buffer)
     hub = MemoryHubEnd(node_id, project_id, down_send, up_receive)
-    return hub, MemoryEdgeEnd(node_id, down_receive, up_send)
+    edge = MemoryEdgeEnd(node_id, down_receive, up_send)
+    edge.hub_end = hub
+    return hub, edge

@@ -27,6 +27,7 @@ from trio_cloudhub.store.base import CloudStore, StoreError
 
 log = logging.getLogger("trio_cloudhub.hub")
 UPSTREAM_QUEUE = 256
+CLOSE_GRACE = 2.0  # drain: time for ended sessions to send their close frames
 
 
 @attrs.frozen
@@ -71,6 +72,8 @@ class Hub:
         self.sessions: dict[str, NodeSession] = {}
         self.draining = False
         self.stats: Counter[str] = Counter()  # events worth counting, e.g. refused:node-limit
+        self._open_connections = 0
+        self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
         self._upstream_send, self._upstream_receive = trio.open_memory_channel[UpstreamWork](
             UPSTREAM_QUEUE
         )
@@ -146,6 +149,16 @@ class Hub:
 
     async def handle_connection(self, conn: EdgeConnection) -> None:
         """Run one edge connection as the node's session; refuse it if it may not have one."""
+        self._open_connections += 1
+        try:
+            await self._handle_connection(conn)
+        finally:
+            self._open_connections -= 1
+            if not self._open_connections:
+                self._no_connections.set()
+                self._no_connections = trio.Event()
+
+    async def _handle_connection(self, conn: EdgeConnection) -> None:
         node_id = conn.node_id
         refusal = self._refusal(node_id)
         if refusal:
@@ -191,6 +204,9 @@ class Hub:
                 await session.settled.wait()
         for session in list(self.sessions.values()):
             session.end("hub shutting down")
+        with trio.move_on_after(CLOSE_GRACE):
+            while self._open_connections:
+                await self._no_connections.wait()
 
     # --- upstream ---------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ by default the in-memory one, so timed paths can be tested on trio's MockClock.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -16,9 +16,9 @@ import trio
 import trio.testing
 
 from trio_cloudhub.core import codec
-from trio_cloudhub.core.message import Message, new_message
+from trio_cloudhub.core.message import Message, new_message, object_uid
 from trio_cloudhub.edge.base import EdgeConnection
-from trio_cloudhub.edge.memory import MemoryEdgeEnd, memory_connection_pair
+from trio_cloudhub.edge.memory import HubDisconnected, MemoryEdgeEnd, memory_connection_pair
 from trio_cloudhub.hub.hub import Hub, HubSettings
 from trio_cloudhub.store.base import CloudStore
 from trio_cloudhub.testing.memory_store import MemoryStore
@@ -26,6 +26,8 @@ from trio_cloudhub.testing.memory_store import MemoryStore
 
 @attrs.define
 class TestHub:
+    __test__ = False  # not a pytest test class
+
     hub: Hub
     store: Any
     nursery: trio.Nursery
@@ -125,3 +127,70 @@ async def open_test_hub(
         nursery.start_soon(hub.reconcile_forever)
         yield TestHub(hub=hub, store=store, nursery=nursery)
         nursery.cancel_scope.cancel()
+
+
+@attrs.define
+class EdgeState:
+    """What an edge holds after applying what it received, as EdgeCore's metamanager does.
+
+    `objects` maps uid -> newest resourceVersion held; a delete removes the uid. `duplicates`
+    counts ACK-mode messages for a (uid, resourceVersion) the edge had already ACKed.
+    """
+
+    objects: dict[str, int] = attrs.field(factory=dict)
+    received: list[Message] = attrs.field(factory=list)
+    acked: set[tuple[str, str, str]] = attrs.field(factory=set)  # (uid, rv, operation)
+    duplicates: int = 0
+
+    def apply(self, message: Message) -> None:
+        self.received.append(message)
+        uid = object_uid(message.content)
+        if not uid:
+            return
+        seen = (uid, message.header.resource_version, message.operation)
+        if seen in self.acked:
+            self.duplicates += 1
+        if message.operation == "delete":
+            self.objects.pop(uid, None)
+        else:
+            rv = int(message.header.resource_version or 0)
+            self.objects[uid] = max(rv, self.objects.get(uid, 0))
+
+    def uids(self) -> set[str]:
+        return set(self.objects)
+
+
+async def run_auto_ack_edge(
+    edge: MemoryEdgeEnd,
+    state: EdgeState,
+    *,
+    keepalive_interval: float = 15.0,
+    ack: Callable[[Message], bool] = lambda message: True,
+) -> None:
+    """Keep alive, receive, apply and ACK (when `ack` says so) until the hub hangs up."""
+
+    async def keep_alive() -> None:
+        while True:
+            await edge.send(codec.encode(keepalive_message()))
+            await trio.sleep(keepalive_interval)
+
+    async def receive_and_ack() -> None:
+        while True:
+            message = codec.decode(await edge.receive())
+            state.apply(message)
+            if object_uid(message.content) and ack(message):
+                await edge.send(codec.encode(ack_for(message)))
+                state.acked.add(
+                    (
+                        object_uid(message.content),
+                        message.header.resource_version,
+                        message.operation,
+                    )
+                )
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_alive)
+            nursery.start_soon(receive_and_ack)
+    except* HubDisconnected:
+        pass
