@@ -4,8 +4,8 @@ Downstream, the store calls `route_downstream` synchronously for each message, w
 in its node's queue (no shared FIFO in front of the per-node queues: a node that receives a
 burst or reconnects in a loop holds up only itself). Every `reconcile_interval`, and when a
 node connects, the node's ack points are compared with the desired state and what it missed
-is queued again (`reconcile_node`). Upstream, sessions hand queries and reports to one
-bounded channel; a full channel slows the reading edge rather than growing memory.
+is queued again (`reconcile_node`). Upstream, sessions hand queries and reports to the
+`UpstreamDispatcher`: a bounded queue per node, served in turn.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
 from trio_cloudhub.hub.node import NodeEntry
 from trio_cloudhub.hub.session import NodeSession
+from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.store.base import CloudStore, StoreError
 
 log = logging.getLogger("trio_cloudhub.hub")
-UPSTREAM_QUEUE = 256
 CLOSE_GRACE = 2.0  # drain: time for ended sessions to send their close frames
 
 
@@ -57,13 +57,6 @@ class HubSettings:
         )
 
 
-@attrs.frozen
-class UpstreamWork:
-    node_id: str
-    kind: Upstream
-    message: Message
-
-
 class Hub:
     def __init__(self, settings: HubSettings, store: CloudStore) -> None:
         self.settings = settings
@@ -74,9 +67,7 @@ class Hub:
         self.stats: Counter[str] = Counter()  # events worth counting, e.g. refused:node-limit
         self._open_connections = 0
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
-        self._upstream_send, self._upstream_receive = trio.open_memory_channel[UpstreamWork](
-            UPSTREAM_QUEUE
-        )
+        self.upstream = UpstreamDispatcher(self._handle_upstream)
 
     @staticmethod
     def now_ms() -> int:
@@ -211,19 +202,24 @@ class Hub:
     # --- upstream ---------------------------------------------------------------------
 
     async def submit_upstream(self, node_id: str, kind: Upstream, message: Message) -> None:
-        await self._upstream_send.send(UpstreamWork(node_id, kind, message))
+        await self.upstream.submit(UpstreamWork(node_id, kind, message))
 
     async def dispatch_upstream(self) -> None:
-        async for work in self._upstream_receive:
-            try:
-                reply = await self._handle_upstream(work)
-            except StoreError as exc:
-                log.warning("node %s: store failed on %s: %s", work.node_id, work.kind.name, exc)
-                continue
-            if reply is not None:
-                self.route_downstream(reply)
+        await self.upstream.run()
 
-    async def _handle_upstream(self, work: UpstreamWork) -> Message | None:
+    async def _handle_upstream(self, work: UpstreamWork) -> None:
+        try:
+            reply = await self._answer_upstream(work)
+        except StoreError as exc:
+            log.warning("node %s: store failed on %s: %s", work.node_id, work.kind.name, exc)
+            return
+        except Exception:
+            log.exception("node %s: %s message failed", work.node_id, work.kind.name)
+            return
+        if reply is not None:
+            self.route_downstream(reply)
+
+    async def _answer_upstream(self, work: UpstreamWork) -> Message | None:
         kind, message = work.kind, work.message
         if kind in (Upstream.APPLICATION, Upstream.QUERY):
             return await self.store.answer_query(work.node_id, message)
