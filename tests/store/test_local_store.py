@@ -323,7 +323,7 @@ async def test_ack_points_are_flushed_in_the_background_and_deleted_on_delete_ac
         uid = object_uid(insert.content)
         hub.store.record_ack("edge-1", insert)
         assert hub.store.acked_version("edge-1", uid) == insert.header.resource_version
-        rows = await eventually(lambda: ack_rows(data))  # the background batch, every 0.2 s
+        rows = await eventually(lambda: ack_rows(data))  # the background batch, every 20 ms
         assert rows == [("edge-1", uid, insert.header.resource_version)]
         (manifests / "web.yaml").unlink()
         [delete] = await hub.take(1)
