@@ -19,6 +19,7 @@ from trio_cloudhub.core import codec
 from trio_cloudhub.core.message import Message, new_message, object_uid
 from trio_cloudhub.edge.memory import MemoryEdgeEnd
 from trio_cloudhub.hub.hub import HubSettings
+from trio_cloudhub.store.base import Missed
 from trio_cloudhub.testing.hub import (
     EdgeState,
     TestHub,
@@ -283,9 +284,7 @@ async def test_memory_for_an_absent_node_follows_objects_not_changes(
     async with open_test_hub(settings=SETTINGS) as th:
         for version in range(1, 201):
             for i in range(50):
-                th.store.publish(
-                    object_message("away", "ConfigMap", f"c{i}", rv=version * 100 + i)
-                )
+                th.store.publish(object_message("away", "ConfigMap", f"c{i}", rv=version * 100 + i))
         await trio.testing.wait_all_tasks_blocked()
         assert len(th.hub.nodes["away"].queue) == 50  # 10,000 changes, 50 objects
         state = EdgeState()
@@ -363,3 +362,31 @@ async def test_drain_finishes_the_in_flight_ack_and_starts_nothing_new(
         assert th.hub.nodes["n1"].queue.pending_count == 1  # db: kept for the next run
         refused = await th.connect("n2")
         assert refused.hub_close_reason == "hub shutting down"
+
+
+class CountingStore(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.compared = 0
+
+    def missed(self, node_id: str) -> list[Missed]:
+        self.compared += 1
+        return super().missed(node_id)
+
+
+async def test_a_complete_node_is_not_compared_again_until_something_changes(
+    autojump_clock: MockClock,
+) -> None:
+    store = CountingStore()
+    async with open_test_hub(store, settings=SETTINGS) as th:
+        state = EdgeState()
+        await start_edge(th, "n1", state)
+        await th.publish(object_message("n1", "Pod", "web", rv=1))
+        await settle(11)  # two periods: the first finds n1 complete, the second skips it
+        compared = store.compared
+        await settle(20)
+        assert store.compared == compared
+        th.store.set_desired(object_message("n1", "Pod", "web", rv=2, operation="update"))
+        await settle(6)
+        assert store.compared > compared
+        assert state.objects == {"uid-pod-default-web": 2}

@@ -103,8 +103,14 @@ class Hub:
     def reconcile_node(self, node_id: str) -> int:
         """Queue what `node_id` missed according to its ack points; returns how many."""
         entry = self.entry(node_id)
+        stamp = self.store.change_stamp(node_id)
+        if entry.complete_at == stamp:
+            return 0  # complete when last compared, and nothing changed since
+        missed_list = self.store.missed(node_id)
+        if not missed_list:
+            entry.complete_at = stamp
         queued = 0
-        for missed in self.store.missed(node_id):
+        for missed in missed_list:
             if entry.queue.covers(missed.uid, missed.resource_version, missed.delete):
                 continue
             acked = self.store.acked_version(node_id, missed.uid)

@@ -21,6 +21,8 @@ class NodeEntry:
         self.queue = NodeQueue(no_ack_capacity=no_ack_capacity)
         self._ack_work = trio.Event()
         self._no_ack_work = trio.Event()
+        # The store's change stamp when reconciliation last found nothing missing.
+        self.complete_at: tuple[int, ...] | None = None
 
     def notify_ack_work(self) -> None:
         self._ack_work.set()

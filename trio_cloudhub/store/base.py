@@ -81,3 +81,12 @@ class CloudStore(Protocol):
         on their way. Like KubeEdge's sync controller comparing ObjectSyncs with objects.
         """
         ...
+
+    def change_stamp(self, node_id: str) -> tuple[int, ...]:
+        """Changes whenever the desired state or `node_id`'s ack points change, so a node
+        found complete need not be compared again until it does (cheap, from memory)."""
+        ...
+
+    def pod_node(self, namespace: str, name: str) -> str | None:
+        """The node pod `namespace/name` is bound to (spec.nodeName); None if unknown."""
+        ...

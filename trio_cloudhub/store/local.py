@@ -92,6 +92,7 @@ from trio_cloudhub.store.routing import (
     StoredObject,
     is_node_stop,
     plan,
+    pod_node,
     to_message,
 )
 from trio_cloudhub.store.watch import FolderWatch, folder_watch
@@ -154,6 +155,7 @@ class LocalStore:
         self._objects: dict[ObjectKey, StoredObject] = {}
         self._rv = 0
         self._acks: dict[str, dict[str, AckPoint]] = {}  # node -> uid -> ack point
+        self._ack_changes: dict[str, int] = {}  # node -> ack point changes (change_stamp)
         self._pending_acks: dict[AckKey, AckPoint | None] = {}
         self._ack_wakeup = trio.Event()
         self._ack_batch_full = trio.Event()
@@ -164,6 +166,7 @@ class LocalStore:
         self._placer = Placer()  # describes self._objects
         self._retry_soon = False  # the last sync left something for the next poll
         self._sending = False  # a sync is handing its messages to the hub
+        self._sends_done = 0  # syncs that finished handing over (in change_stamp)
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -441,6 +444,7 @@ class LocalStore:
                     await trio.lowlevel.checkpoint()
         finally:
             self._sending = False
+            self._sends_done += 1
         await trio.lowlevel.checkpoint()
 
     # --- ack points -------------------------------------------------------------------------
@@ -504,7 +508,12 @@ class LocalStore:
                 deliveries.append(Delivery(node_id, OP_DELETE, gone))
         return [_missed(delivery) for delivery in deliveries]
 
+    def change_stamp(self, node_id: str) -> tuple[int, ...]:
+        return self._rv, self._sends_done, self._ack_changes.get(node_id, 0)
+
     def _queue_ack(self, key: AckKey, point: AckPoint | None) -> None:
+        node = key[0]
+        self._ack_changes[node] = self._ack_changes.get(node, 0) + 1
         self._pending_acks[key] = point
         self._ack_wakeup.set()
         if len(self._pending_acks) >= ACK_FLUSH_BATCH:
@@ -537,6 +546,10 @@ class LocalStore:
         return True
 
     # --- upstream ---------------------------------------------------------------------------
+
+    def pod_node(self, namespace: str, name: str) -> str | None:
+        obj = self._objects.get(ObjectKey("Pod", namespace, name))
+        return (pod_node(obj.body) or None) if obj is not None else None
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         now = _now_ms()

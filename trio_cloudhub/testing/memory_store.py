@@ -26,6 +26,7 @@ from trio_cloudhub.core.message import (
     object_uid,
     prefix_from_edge,
     response_to,
+    split_cloud_resource,
 )
 from trio_cloudhub.core.rules import Downstream, classify_downstream
 from trio_cloudhub.store.base import Deliver, Missed
@@ -38,6 +39,8 @@ class MemoryStore:
         self.queries: list[tuple[str, Message]] = []
         self.objects: dict[str, object] = {}
         self.desired: dict[str, dict[str, Message]] = {}  # node -> uid -> newest message
+        self.pods: dict[tuple[str, str], str] = {}  # (namespace, name) -> node
+        self.changes = 0  # desired state or ack point changes, for change_stamp
         self._last_acked: dict[tuple[str, str], Message] = {}
         self._deliver: Deliver | None = None
         self._initial: list[Message] = []
@@ -56,12 +59,19 @@ class MemoryStore:
         """Change the desired state without delivering the change (a lost notification)."""
         if classify_downstream(message) is not Downstream.ACK:
             return
+        self.changes += 1
         node, uid = node_id_of(message.resource), object_uid(message.content)
         objects = self.desired.setdefault(node, {})
+        parts = split_cloud_resource(message.resource)
+        pod = (parts.namespace, parts.name) if parts and parts.resource_type == "pod" else None
         if is_delete(message):
             objects.pop(uid, None)
+            if pod is not None:
+                self.pods.pop(pod, None)
         else:
             objects[uid] = message
+            if pod is not None:
+                self.pods[pod] = node
 
     async def run(
         self,
@@ -80,6 +90,7 @@ class MemoryStore:
 
     def record_ack(self, node_id: str, message: Message) -> None:
         key = (node_id, object_uid(message.content))
+        self.changes += 1
         if message.operation == OP_DELETE:
             self.ack_points.pop(key, None)
             self._last_acked.pop(key, None)
@@ -99,6 +110,12 @@ class MemoryStore:
             if node == node_id and uid not in desired:
                 found.append(Missed(uid, "", True, _fresh(message, OP_DELETE)))
         return found
+
+    def change_stamp(self, node_id: str) -> tuple[int, ...]:
+        return self.changes, 0
+
+    def pod_node(self, namespace: str, name: str) -> str | None:
+        return self.pods.get((namespace, name))
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         self.reports.append((node_id, message))
