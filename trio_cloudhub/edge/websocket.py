@@ -14,6 +14,7 @@ task and a channel per connection and cannot answer a POST with 405, is not used
 
 Rules of a connection:
 - identity is the `node_id`/`project_id` request headers (any case); the path means nothing;
+  an optional `authenticate` callback may refuse (403) a node whose certificate names another;
 - text and binary messages are accepted, fragments are reassembled up to `max_message_size`;
   we send every message as one text frame;
 - a TCP close or TLS EOF without a close frame is a normal disconnect: `EdgeDisconnected`;
@@ -30,7 +31,7 @@ import logging
 import os
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NoReturn
 
@@ -66,6 +67,8 @@ _TEXT_HEAD_SHORT = struct.Struct("!BB")
 _TEXT_HEAD_MEDIUM = struct.Struct("!BBH")
 _TEXT_HEAD_LONG = struct.Struct("!BBQ")
 _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
+# `authenticate(node_id, peer certificate DER or None)`: None admits, else the refusal reason.
+Authenticate = Callable[[str, bytes | None], str | None]
 # What trio raises when the peer vanished or the TLS layer failed under us.
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -542,10 +545,16 @@ async def serve_websocket(
     port: int,
     max_message_size: int,
     handshake_timeout: float = 30.0,
+    authenticate: Authenticate | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Accept WSS connections forever; run `handler` once per upgraded connection.
 
+    `authenticate`, when given, is called once per connection after the upgrade request passed
+    its checks and before the 101 is written, with the `node_id` header and the client
+    certificate (`getpeercert(binary_form=True)`: DER bytes, or None). A non-None answer is
+    the reason to refuse: the edge gets HTTP 403, a WARNING is logged and `handler` never runs.
+    It must be quick and must not raise (e.g. `pki.identity.connection_identity_problem`).
     `task_status.started(port)` reports the bound port (useful with port 0).
     """
     listeners = await trio.open_tcp_listeners(port, host=host or None)
@@ -556,6 +565,7 @@ async def serve_websocket(
         ssl_context=ssl_context,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
+        authenticate=authenticate,
     )
     logger.info("WebSocket server listening on %s:%d", host or "*", bound_port)
     async with trio.open_nursery() as nursery:
@@ -571,11 +581,16 @@ async def _serve_connection(
     ssl_context: ssl.SSLContext,
     max_message_size: int,
     handshake_timeout: float,
+    authenticate: Authenticate | None = None,
 ) -> None:
     remote = _peer_of(tcp)
     connection: WebSocketConnection | None = None
     with trio.move_on_after(handshake_timeout) as scope:
-        connection = await _accept(tcp, ssl_context, remote, max_message_size)
+        try:
+            connection = await _accept(tcp, ssl_context, remote, max_message_size, authenticate)
+        except Exception:
+            # A bug on one connection must not end the listener (and the hub with it).
+            logger.exception("handshake with %s failed", remote)
     if scope.cancelled_caught:
         logger.debug("handshake with %s timed out after %s s", remote, handshake_timeout)
     if connection is None:
@@ -586,13 +601,19 @@ async def _serve_connection(
         await handler(connection)
     except EdgeDisconnected:
         pass  # a handler may let the normal end of a connection escape
+    except Exception:
+        logger.exception("connection of node %r from %s failed", connection.node_id, remote)
     finally:
         with trio.CancelScope(shield=True):
             await connection.aclose()
 
 
 async def _accept(
-    tcp: trio.SocketStream, ssl_context: ssl.SSLContext, remote: str, max_message_size: int
+    tcp: trio.SocketStream,
+    ssl_context: ssl.SSLContext,
+    remote: str,
+    max_message_size: int,
+    authenticate: Authenticate | None = None,
 ) -> WebSocketConnection | None:
     """TLS handshake, then the HTTP upgrade; None (after answering) when refused."""
     stream = trio.SSLStream(tcp, ssl_context, server_side=True)
@@ -605,6 +626,8 @@ async def _accept(
     try:
         request, trailing = await _read_request(stream)
         node_id, project_id, accept_key = _check_request(request, remote)
+        if authenticate is not None:
+            _authenticate(authenticate, stream, node_id, remote)
     except HandshakeRejected as exc:
         await _send_rejection(stream, exc.status)
         return None
@@ -676,6 +699,17 @@ def _check_request(request: h11.Request, remote: str) -> tuple[str, str, bytes]:
         raise refuse(400, "no node_id header: cannot tell which edge node this is", logging.WARNING)
     project = _first(headers, b"project_id").decode("utf-8", "replace").strip()
     return node_id, project or DEFAULT_PROJECT_ID, _accept_key(key)
+
+
+def _authenticate(
+    authenticate: Authenticate, stream: trio.SSLStream[trio.SocketStream], node_id: str, remote: str
+) -> None:
+    """Raise HandshakeRejected(403) when `authenticate` refuses this node's certificate."""
+    peer_cert: bytes | None = stream.getpeercert(binary_form=True)
+    reason = authenticate(node_id, peer_cert)
+    if reason is not None:
+        logger.warning("refused node %s from %s: %s", node_id, remote, reason)
+        raise HandshakeRejected(403, reason)
 
 
 def _header_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:

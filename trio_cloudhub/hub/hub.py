@@ -18,12 +18,14 @@ import attrs
 import trio
 
 from trio_cloudhub.config import Config
+from trio_cloudhub.core.admission import admission_problem
 from trio_cloudhub.core.message import Message, node_id_of, object_uid, response_to
 from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
 from trio_cloudhub.hub.node import NodeEntry
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
+from trio_cloudhub.pki.identity import connection_identity_problem
 from trio_cloudhub.store.base import CloudStore, StoreError
 
 log = logging.getLogger("trio_cloudhub.hub")
@@ -40,6 +42,10 @@ class HubSettings:
     max_message_size: int = 64 * 1024 * 1024
     drain_timeout: float = 5.0
     reconcile_interval: float = 5.0
+    # modules.cloudHub.authorization: check identities and status ownership; with `debug`
+    # (KubeEdge's default once enabled) failures are only logged.
+    authorization: bool = False
+    authorization_debug: bool = True
 
     @classmethod
     def from_config(cls, config: Config) -> HubSettings:
@@ -54,6 +60,8 @@ class HubSettings:
             max_message_size=extra.max_message_size,
             drain_timeout=extra.drain_timeout_seconds,
             reconcile_interval=extra.reconcile_interval_seconds,
+            authorization=hub.authorization.enable,
+            authorization_debug=hub.authorization.debug,
         )
 
 
@@ -204,6 +212,43 @@ class Hub:
         with trio.move_on_after(CLOSE_GRACE):
             while self._open_connections:
                 await self._no_connections.wait()
+
+    # --- identity (modules.cloudHub.authorization, spec 9.1) -------------------------
+
+    def authenticate(self, node_id: str, peer_cert_der: bytes | None) -> str | None:
+        """The transport's handshake check: None to accept, else why it is refused."""
+        if not self.settings.authorization:
+            return None
+        problem = connection_identity_problem(node_id, peer_cert_der)
+        if problem is None:
+            return None
+        if self.settings.authorization_debug:
+            log.warning("node %s: %s (accepted: authorization.debug is on)", node_id, problem)
+            return None
+        self.stats["refused:identity"] += 1
+        return problem
+
+    def admit(self, node_id: str, message: Message) -> bool:
+        """Whether a message from the edge may act on the cloud side (status ownership)."""
+        if not self.settings.authorization:
+            return True
+        problem = admission_problem(node_id, message, self.store.pod_node)
+        if problem is None:
+            return True
+        if self.settings.authorization_debug:
+            log.warning(
+                "node %s: %s %s would be rejected: %s (authorization.debug is on)",
+                node_id,
+                message.operation,
+                message.resource,
+                problem,
+            )
+            return True
+        self.stats["rejected:authorization"] += 1
+        log.warning(
+            "node %s: rejected %s %s: %s", node_id, message.operation, message.resource, problem
+        )
+        return False
 
     # --- upstream ---------------------------------------------------------------------
 

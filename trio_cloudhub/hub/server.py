@@ -119,6 +119,7 @@ async def _serve_edges(
         host=websocket.address,
         port=websocket.port,
         max_message_size=config.trio_cloud_hub.max_message_size,
+        authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
         task_status=task_status,
     )
 

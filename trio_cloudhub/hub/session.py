@@ -82,7 +82,7 @@ class NodeSession(NodeSessionHandle):
             await self._send(codec.encode(control_reply(message, self.hub.now_ms())))
         elif kind is Upstream.EMPTY:
             pass
-        else:
+        elif self.hub.admit(self.node_id, message):
             await self.hub.submit_upstream(self.node_id, kind, message)
 
     def _on_ack(self, message: Message) -> None:

@@ -203,7 +203,7 @@ def generate_server_cert(
 def load_der_certificate(der: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise PkiError(f"not a DER certificate: {exc}") from None
 
 
