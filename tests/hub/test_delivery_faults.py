@@ -197,7 +197,7 @@ async def test_duplicate_late_and_unknown_acks_change_nothing(autojump_clock: Mo
         )
         await edge.send(codec.encode(unknown))  # unknown: ignored
         await trio.testing.wait_all_tasks_blocked()
-        assert ("n1", "uid-pod-default-web") not in th.store.ack_points
+        assert th.store.ack_points[("n1", "uid-pod-default-web")] == "0"  # sent, not acked
         await edge.send(codec.encode(ack_for(v2)))
         await edge.send(codec.encode(ack_for(v2)))  # duplicate: ignored
         await trio.testing.wait_all_tasks_blocked()

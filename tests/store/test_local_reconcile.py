@@ -99,3 +99,22 @@ async def test_a_node_object_ack_point_never_becomes_a_node_stop(dirs: Dirs) -> 
     (manifests / "node.yaml").unlink()
     async with open_local_store(data, manifests) as store:
         assert store.missed("edge-1") == []
+
+
+async def test_an_object_sent_but_never_acknowledged_still_gets_its_delete(dirs: Dirs) -> None:
+    """KubeEdge's ObjectSync at "0": the edge may hold what it never ACKed."""
+    data, manifests = dirs
+    write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
+    async with running_store(data, manifests) as hub:
+        [insert] = hub.initial()
+        hub.store.record_sent("edge-1", insert)
+        assert hub.store.acked_version("edge-1", object_uid(insert.content)) == "0"
+        [missed] = described(hub.store.missed("edge-1"))
+        assert missed[0] == "insert"  # "0" acknowledges nothing
+    (manifests / "web.yaml").unlink()
+    async with running_store(data, manifests) as hub:
+        [delete] = hub.initial()  # the restart remembers it was sent
+        assert (delete.route.operation, object_uid(delete.content)) == (
+            "delete",
+            object_uid(insert.content),
+        )

@@ -174,3 +174,13 @@ def test_plan_orders_deletes_then_upserts_and_node_stop_resource() -> None:
     assert all(m.header.resource_version == "1" for m in messages)
     same = plan({("n1", "cm")}, {("n1", "cm")}, objects, changed={"cm"})
     assert [(d.operation, d.node) for d in same] == [("update", "n1")]
+
+
+def test_a_file_removed_between_listing_and_read_is_read_again_not_reported(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "gone.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    stamp = stamp_folder(tmp_path)["gone.yaml"]
+    (tmp_path / "gone.yaml").unlink()
+    result = read_manifest_file(tmp_path, "gone.yaml", stamp)
+    assert result.unstable and not result.error

@@ -100,6 +100,7 @@ class NodeSession(NodeSessionHandle):
                 self.entry.queue.release(message)
                 break
             self.start_flight(message)
+            self.hub.store.record_sent(self.node_id, message)
             if await self._deliver(message):
                 self.end_flight()
                 self.entry.queue.acked(message)

@@ -56,6 +56,12 @@ class CloudStore(Protocol):
         """The resourceVersion `node_id` acknowledged for object `uid`, or None."""
         ...
 
+    def record_sent(self, node_id: str, message: Message) -> None:
+        """`message` (cloud resource form) is about to be sent: without an ack point for its
+        object, create one at resourceVersion "0" (KubeEdge's ObjectSync before the first
+        send), so a delete still reaches an edge whose ACK was lost, even after a restart."""
+        ...
+
     def record_ack(self, node_id: str, message: Message) -> None:
         """An ACK arrived for `message` (cloud resource form): update or drop its ack point."""
         ...

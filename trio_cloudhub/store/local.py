@@ -101,6 +101,7 @@ __all__ = ["LocalStore", "Report", "StoreError", "open_local_store", "read_repor
 
 log = logging.getLogger("trio_cloudhub.store")
 
+SENT_RV = "0"  # the ack point of an object sent but never acknowledged (ObjectSync's "0")
 ACK_FLUSH_INTERVAL = 0.02  # the ACKs a crash (SIGKILL) can lose: at most this window
 ACK_FLUSH_BATCH = 500
 ACK_RETRY_DELAY = 1.0
@@ -163,6 +164,7 @@ class LocalStore:
         self._stamps: dict[str, FileStamp] = {}  # files as last read
         self._reported_conflicts: set[str] = set()
         self._folder_failing = False
+        self._write_failing = False
         self._placer = Placer()  # describes self._objects
         self._retry_soon = False  # the last sync left something for the next poll
         self._sending = False  # a sync is handing its messages to the hub
@@ -281,9 +283,18 @@ class LocalStore:
             except StoreError as exc:
                 if initial:  # nothing was sent yet: the hub must not start without it
                     raise
-                log.warning("%s; retrying at the next poll", exc)
+                # Once per failure streak, not at every poll.
+                log.log(
+                    logging.DEBUG if self._write_failing else logging.WARNING,
+                    "%s; retrying at every poll",
+                    exc,
+                )
+                self._write_failing = True
                 self._retry_soon = True
                 return
+            if self._write_failing:
+                log.info("store database: writing objects works again")
+                self._write_failing = False
         deliveries = self._plan(change, initial=initial)
         self._objects, self._rv = change.objects, change.rv
         self._files, self._stamps = files, stamps
@@ -458,6 +469,16 @@ class LocalStore:
             for uid, point in points.items():
                 yield node, uid, point
 
+    def record_sent(self, node_id: str, message: Message) -> None:
+        uid = object_uid(message.content)
+        if not uid or message.route.operation == OP_DELETE:
+            return
+        points = self._acks.setdefault(node_id, {})
+        if uid not in points:
+            point = AckPoint(rv=SENT_RV, resource=message.route.resource)
+            points[uid] = point
+            self._queue_ack((node_id, uid), point)
+
     def record_ack(self, node_id: str, message: Message) -> None:
         uid = object_uid(message.content)
         if not uid:
@@ -495,7 +516,7 @@ class LocalStore:
         deliveries: list[Delivery] = []
         for uid, obj in desired.items():
             point = points.get(uid)
-            if point is None:
+            if point is None or point.rv == SENT_RV:
                 deliveries.append(Delivery(node_id, OP_INSERT, obj))
             elif _rv_number(point.rv) < obj.rv:
                 deliveries.append(Delivery(node_id, OP_UPDATE, obj))

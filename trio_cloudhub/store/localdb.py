@@ -31,6 +31,7 @@ log = logging.getLogger("trio_cloudhub.store")
 
 DB_NAME = "store.db"
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000  # how long a write waits for another connection's lock (tests lower it)
 KIND_NODE_STATUS = "nodestatus"
 KIND_POD_STATUS = "podstatus"
 _SCHEMA = """
@@ -109,7 +110,7 @@ class Database:
             # check_same_thread off: trio's worker threads take turns, never at once.
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             try:
-                conn.execute("PRAGMA busy_timeout = 5000")
+                conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
                 self._migrate(conn)

@@ -127,6 +127,9 @@ def read_manifest_file(folder: Path, name: str, stamp: FileStamp) -> FileResult:
         with path.open("rb") as file:
             data = file.read(MAX_FILE_BYTES + 1)
         after = _stamp(path.stat())
+    except FileNotFoundError:
+        # Removed (or replaced) since the listing: the next scan sees what is there now.
+        return FileResult(name, stamp, unstable=True)
     except OSError as exc:
         return FileResult(name, stamp, error=f"cannot read: {exc.strerror or exc}")
     if after != stamp:

@@ -88,6 +88,13 @@ class MemoryStore:
     def acked_version(self, node_id: str, uid: str) -> str | None:
         return self.ack_points.get((node_id, uid))
 
+    def record_sent(self, node_id: str, message: Message) -> None:
+        key = (node_id, object_uid(message.content))
+        if key[1] and message.operation != OP_DELETE and key not in self.ack_points:
+            self.changes += 1
+            self.ack_points[key] = "0"
+            self._last_acked[key] = message
+
     def record_ack(self, node_id: str, message: Message) -> None:
         key = (node_id, object_uid(message.content))
         self.changes += 1
