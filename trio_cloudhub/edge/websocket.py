@@ -278,6 +278,8 @@ class WebSocketConnection:
         if self._ws.state is ConnectionState.REMOTE_CLOSING:
             await self._send_close(event.code, None)
             self._fail(f"close frame from the peer ({event.code} {event.reason or ''})".strip())
+        elif self._ws.state is ConnectionState.CLOSED:
+            self._fail("the peer answered our close frame")  # we closed first
         else:
             await self._send_close(event.code, event.reason)
             self._fail(f"protocol error: {event.reason}")
@@ -348,12 +350,26 @@ class WebSocketConnection:
         """Send a close frame (bounded, not awaiting the answer) and close the stream."""
         if not self._closed and self._ws.state is ConnectionState.OPEN:
             await self._send_close(1000, reason or None)
+            if not self._ws.client:
+                await self._await_peer_close()
         self._fail(reason or "closed by us")
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             await self.stream.aclose()
         if scope.cancelled_caught:
             await trio.aclose_forcefully(self.stream)
+
+    async def _await_peer_close(self) -> None:
+        """Read and drop frames until the peer answers our close frame (bounded).
+
+        Closing TCP with the peer's data unread makes the kernel reset the connection, and a
+        reset can reach the peer before it read our close frame and its reason.
+        """
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            with contextlib.suppress(EdgeDisconnected, trio.BusyResourceError):
+                while True:
+                    await self.receive()
 
     async def abort(self) -> None:
         """Close the TCP connection under TLS at once: no close frame, no close_notify."""
