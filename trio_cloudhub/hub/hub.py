@@ -168,7 +168,9 @@ class Hub:
         refusal = self._refusal(node_id)
         if refusal:
             self.stats[f"refused:{refusal.split(':')[0]}"] += 1
-            log.warning("refused node %s from %s: %s", node_id, conn.remote, refusal)
+            # Refusals while draining are expected (edges reconnect at once): not a warning.
+            level = logging.INFO if self.draining else logging.WARNING
+            log.log(level, "refused node %s from %s: %s", node_id, conn.remote, refusal)
             await conn.aclose(refusal)
             return
         session = NodeSession(self, self.entry(node_id), conn)
