@@ -19,6 +19,9 @@ def test_every_default_works_without_a_file() -> None:
     assert hub.tls_ca_file == "/etc/kubeedge/ca/rootCA.crt"
     assert (hub.edge_cert_signing_duration, hub.token_refresh_duration) == (365, 12)
     assert config.store_kind == "local"
+    extra = config.trio_cloud_hub
+    assert (extra.reconcile_interval_seconds, extra.drain_timeout_seconds) == (5.0, 5.0)
+    assert (hub.authorization.enable, hub.authorization.debug) == (False, True)
 
 
 def test_shipped_example_parses_and_round_trips() -> None:
@@ -78,6 +81,15 @@ modules:
         ("surprise: 1\n", "$"),
         ("trioCloudHub: {store: etcd}\n", "$.trioCloudHub.store"),
         ("trioCloudHub: {maxMessageSize: 1000}\n", "$.trioCloudHub.maxMessageSize"),
+        (
+            "trioCloudHub: {reconcileIntervalSeconds: -1}\n",
+            "$.trioCloudHub.reconcileIntervalSeconds",
+        ),
+        ("trioCloudHub: {drainTimeoutSeconds: -2}\n", "$.trioCloudHub.drainTimeoutSeconds"),
+        (
+            "modules:\n  cloudHub:\n    authorization: {enable: yes please}\n",
+            "$.modules.cloudHub.authorization.enable",
+        ),
         ("kind: EdgeCore\n", "$.kind"),
     ],
 )

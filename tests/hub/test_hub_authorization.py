@@ -9,6 +9,7 @@ import pytest
 import trio.testing
 from trio.testing import MockClock
 
+from trio_cloudhub.config import parse_config
 from trio_cloudhub.core import codec
 from trio_cloudhub.core.message import Message, new_message
 from trio_cloudhub.hub.hub import Hub, HubSettings
@@ -100,3 +101,16 @@ def test_identity_check_follows_the_settings() -> None:
     debug = Hub(HubSettings(authorization=True), MemoryStore())
     assert debug.authenticate("n1", None) is None
     assert Hub(HubSettings(), MemoryStore()).authenticate("n1", None) is None
+
+
+def test_settings_come_from_the_config_file() -> None:
+    text = """
+modules:
+  cloudHub:
+    nodeLimit: 7
+    authorization: {enable: true, debug: false}
+trioCloudHub: {drainTimeoutSeconds: 9, reconcileIntervalSeconds: 0}
+"""
+    settings = HubSettings.from_config(parse_config(text, "t.yaml"))
+    assert (settings.node_limit, settings.drain_timeout, settings.reconcile_interval) == (7, 9, 0)
+    assert (settings.authorization, settings.authorization_debug) == (True, False)
