@@ -80,14 +80,12 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from contextlib import suppress
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -99,6 +97,7 @@ from bench.fleet_worker import percentiles
 from bench.run import REPO, is_https_ready, listening_ports, log, machine, write_identity
 from bench.soak_worker import SEQ_ANNOTATION, EdgeModel, Event, lost_pairs
 from trio_cloudhub.testing.edge_sim import bootstrap
+from trio_cloudhub.testing.hub_process import free_ports
 
 HOST = "127.0.0.1"
 POLL_INTERVAL = 0.05
@@ -144,26 +143,6 @@ trioCloudHub:
 
 
 # --- ports and the hub's source ---------------------------------------------------------------
-
-
-def free_ports(count: int, rng: random.Random) -> list[int]:
-    """Free ports below the ephemeral range: no outgoing socket of an edge can take them
-    while the hub is down, so the restarted hub binds them again."""
-    low = 32768
-    with suppress(OSError, ValueError, IndexError):
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    found: list[int] = []
-    while len(found) < count:
-        port = rng.randrange(max(1024, low - 12000), low - 1)
-        if port in found:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind((HOST, port))
-            except OSError:
-                continue
-        found.append(port)
-    return found
 
 
 def hub_source(root: Path, mode: str) -> tuple[Path, dict[str, Any]]:
@@ -842,7 +821,7 @@ async def run(args: argparse.Namespace) -> int:
     root = Path(tempfile.mkdtemp(prefix="cloudhub-soak-", dir=args.dir))
     log(f"run directory {root}")
     source, source_info = hub_source(root, args.hub_src)
-    hub = SoakHub(root, source, args.edges, free_ports(2, rng))
+    hub = SoakHub(root, source, args.edges, free_ports(2))
     batches = math.ceil(args.changes / args.batch_size)
     phase_s = batches * args.batch_interval
     lifetime = 900 + phase_s * 3 + args.converge_timeout + args.edges
