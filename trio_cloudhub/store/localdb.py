@@ -112,7 +112,9 @@ class Database:
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
                 conn.execute("PRAGMA journal_mode = WAL")
-                conn.execute("PRAGMA synchronous = NORMAL")
+                # FULL: a commit survives power loss too (an object row lost with its ack
+                # point could leave an edge holding an orphan under a forgotten uid).
+                conn.execute("PRAGMA synchronous = FULL")
                 self._migrate(conn)
                 loaded = self._load(conn)
             except BaseException:
