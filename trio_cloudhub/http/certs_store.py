@@ -248,6 +248,11 @@ def prepare_credentials(
     folder = pki_dir(data_dir)
     ca = _prepare_ca(hub, folder, now)
     server = _prepare_server(hub, folder, ca, now, addresses)
+    return credentials_from(ca, server)
+
+
+def credentials_from(ca: CertAndKey, server: CertAndKey) -> HubCredentials:
+    """What the listeners need from a CA and a server certificate, however they were found."""
     try:
         server_key_pem = certs.key_pem(server.key_der)
     except PkiError as exc:

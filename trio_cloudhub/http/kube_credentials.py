@@ -40,6 +40,7 @@ from trio_cloudhub.http.certs_store import (
     CredentialsError,
     HubCredentials,
     _load_pair,
+    credentials_from,
     resolve_advertise_addresses,
     utc_now,
 )
@@ -448,19 +449,6 @@ async def _prepare_server(
     return generate()
 
 
-def _credentials(ca: CertAndKey, server: CertAndKey) -> HubCredentials:
-    try:
-        server_key_pem = certs.key_pem(server.key_der)
-    except PkiError as exc:
-        raise CredentialsError(f"server key: {exc}") from None
-    return HubCredentials(
-        ca_der=ca.cert_der,
-        ca_key_der=ca.key_der,
-        server_cert_pem=certs.cert_pem(server.cert_der),
-        server_key_pem=server_key_pem,
-    )
-
-
 async def prepare_kube_credentials_with(
     config: Config,
     ops: SecretOps,
@@ -476,7 +464,7 @@ async def prepare_kube_credentials_with(
     addresses = advertise_addresses or resolve_advertise_addresses(config)
     ca = await _prepare_ca(api, hub, now, retry)
     server = await _prepare_server(api, hub, ca, now, addresses, retry)
-    return _credentials(ca, server)
+    return credentials_from(ca, server)
 
 
 async def prepare_kube_credentials(
