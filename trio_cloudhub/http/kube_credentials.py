@@ -64,10 +64,10 @@ from trio_cloudhub.pki.kube_secrets import (
     parse_server_secret,
     server_secret,
     startup_action,
-    status_message,
     token_secret,
 )
 from trio_cloudhub.pki.token import TokenKeeper
+from trio_cloudhub.store.kube.calls import KubeCallError, call_raw, read_body
 
 logger = logging.getLogger("trio_cloudhub.http")
 
@@ -83,19 +83,8 @@ __all__ = [
 ]
 
 DEFAULT_THREADS = 2
-# (connect, read) seconds: a hung API server must not hold a worker thread forever.
-REQUEST_TIMEOUT = (10.0, 30.0)
 
 T = TypeVar("T")
-
-
-class KubeCallError(Exception):
-    """An API call that failed: `status` None means no HTTP answer (network, TLS, timeout)."""
-
-    def __init__(self, status: int | None, body: bytes) -> None:
-        self.status = status
-        self.body = body
-        super().__init__(f"{status or 'no answer'}: {status_message(body)}")
 
 
 @attrs.frozen
@@ -150,62 +139,26 @@ def _in_thread(
     return call
 
 
-def _call(function: Callable[..., Any], *args: Any) -> Any:
-    """One client call with raw answers; its failures become KubeCallError."""
-    import urllib3
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return function(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
-    except ApiException as exc:
-        body = exc.body.encode("utf-8", "replace") if isinstance(exc.body, str) else b""
-        raise KubeCallError(exc.status or None, body or str(exc.reason).encode()) from None
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        raise KubeCallError(None, str(exc).encode("utf-8", "replace")) from None
-
-
-def _read_body(response: Any, limit: int) -> bytes:
-    """At most `limit + 1` bytes, so an oversized answer is refused without reading it all."""
-    import urllib3
-
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        while size <= limit:
-            chunk = response.read(min(64 * 1024, limit + 1 - size))
-            if not chunk:
-                response.release_conn()
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-        else:
-            response.close()
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        response.close()
-        raise KubeCallError(None, str(exc).encode("utf-8", "replace")) from None
-    return b"".join(chunks)
-
-
 def _read_secret_call(core: Any, name: str) -> bytes:
-    response = _call(core.read_namespaced_secret, name, NAMESPACE)
-    return _read_body(response, MAX_SECRET_JSON_BYTES)
+    response = call_raw(core.read_namespaced_secret, name, NAMESPACE)
+    return read_body(response, MAX_SECRET_JSON_BYTES)
 
 
 def _create_secret_call(core: Any, body: dict[str, Any]) -> None:
-    _read_body(_call(core.create_namespaced_secret, NAMESPACE, body), MAX_SECRET_JSON_BYTES)
+    read_body(call_raw(core.create_namespaced_secret, NAMESPACE, body), MAX_SECRET_JSON_BYTES)
 
 
 def _replace_secret_call(core: Any, name: str, body: dict[str, Any]) -> None:
-    response = _call(core.replace_namespaced_secret, name, NAMESPACE, body)
-    _read_body(response, MAX_SECRET_JSON_BYTES)
+    response = call_raw(core.replace_namespaced_secret, name, NAMESPACE, body)
+    read_body(response, MAX_SECRET_JSON_BYTES)
 
 
 def _read_namespace_call(core: Any) -> None:
-    _read_body(_call(core.read_namespace, NAMESPACE), MAX_SECRET_JSON_BYTES)
+    read_body(call_raw(core.read_namespace, NAMESPACE), MAX_SECRET_JSON_BYTES)
 
 
 def _create_namespace_call(core: Any) -> None:
-    _read_body(_call(core.create_namespace, namespace_body()), MAX_SECRET_JSON_BYTES)
+    read_body(call_raw(core.create_namespace, namespace_body()), MAX_SECRET_JSON_BYTES)
 
 
 # ---- the logic, over SecretOps ----

@@ -49,11 +49,8 @@ import trio
 
 from trio_cloudhub.core.message import (
     OP_DELETE,
-    OP_INSERT,
-    OP_UPDATE,
     Message,
     object_uid,
-    split_cloud_resource,
 )
 from trio_cloudhub.store.answers import (
     RequestError,
@@ -67,8 +64,6 @@ from trio_cloudhub.store.answers import (
 from trio_cloudhub.store.base import Deliver, Missed, StoreError
 from trio_cloudhub.store.localdb import (
     DB_NAME,
-    AckKey,
-    AckPoint,
     Database,
     Report,
     read_reports,
@@ -84,8 +79,15 @@ from trio_cloudhub.store.manifests import (
     read_manifest_file,
     stamp_folder,
 )
+from trio_cloudhub.store.reconcile import (
+    SENT_RV,
+    AckKey,
+    AckPoint,
+    as_missed,
+    missed_deliveries,
+    stub_object,
+)
 from trio_cloudhub.store.routing import (
-    KINDS_BY_TYPE,
     Delivery,
     Placement,
     Placer,
@@ -101,7 +103,6 @@ __all__ = ["LocalStore", "Report", "StoreError", "open_local_store", "read_repor
 
 log = logging.getLogger("trio_cloudhub.store")
 
-SENT_RV = "0"  # the ack point of an object sent but never acknowledged (ObjectSync's "0")
 ACK_FLUSH_INTERVAL = 0.02  # the ACKs a crash (SIGKILL) can lose: at most this window
 ACK_FLUSH_BATCH = 500
 ACK_RETRY_DELAY = 1.0
@@ -435,7 +436,7 @@ class LocalStore:
             if uid in live:
                 continue
             if uid not in by_uid:
-                stub = _stub(uid, point)
+                stub = stub_object(uid, point)
                 if stub is None:
                     continue
                 by_uid[uid] = stub
@@ -507,27 +508,22 @@ class LocalStore:
         """What takes `node_id` from its ack points to the desired state (see CloudStore)."""
         if self._sending or not self._open:
             return []  # a change is half delivered: its own messages are on their way
-        points = self._acks.get(node_id, {})
-        desired: dict[str, StoredObject] = {}
-        for key in self._placer.keys_on(node_id):
-            obj = self._objects.get(key)
-            if obj is not None:
-                desired[obj.uid] = obj
-        deliveries: list[Delivery] = []
-        for uid, obj in desired.items():
-            point = points.get(uid)
-            if point is None or point.rv == SENT_RV:
-                deliveries.append(Delivery(node_id, OP_INSERT, obj))
-            elif _rv_number(point.rv) < obj.rv:
-                deliveries.append(Delivery(node_id, OP_UPDATE, obj))
-        withdrawn = [(uid, point) for uid, point in points.items() if uid not in desired]
-        by_uid = {obj.uid: obj for obj in self._objects.values()} if withdrawn else {}
-        for uid, point in withdrawn:
-            gone = by_uid.get(uid) or _stub(uid, point)
-            # A node's own Node object going away is a node stop, never a reconciliation.
-            if gone is not None and gone.key.kind != "Node":
-                deliveries.append(Delivery(node_id, OP_DELETE, gone))
-        return [_missed(delivery) for delivery in deliveries]
+        by_uid: dict[str, StoredObject] | None = None
+
+        def find_uid(uid: str) -> StoredObject | None:
+            nonlocal by_uid
+            if by_uid is None:
+                by_uid = {obj.uid: obj for obj in self._objects.values()}
+            return by_uid.get(uid)
+
+        deliveries = missed_deliveries(
+            node_id,
+            self._placer.keys_on(node_id),
+            self._objects,
+            self._acks.get(node_id, {}),
+            find_uid,
+        )
+        return [as_missed(delivery) for delivery in deliveries]
 
     def change_stamp(self, node_id: str) -> tuple[int, ...]:
         return self._rv, self._sends_done, self._ack_changes.get(node_id, 0)
@@ -658,43 +654,6 @@ def _final(obj: StoredObject, rv: int) -> StoredObject:
     metadata = dict(obj.body.get("metadata", {}))
     metadata["resourceVersion"] = str(rv)
     return attrs.evolve(obj, rv=rv, body=obj.body | {"metadata": metadata})
-
-
-def _stub(uid: str, point: AckPoint) -> StoredObject | None:
-    """A minimal object for a delete when only the ack point is left of it."""
-    parts = split_cloud_resource(point.resource)
-    kind = KINDS_BY_TYPE.get(parts.resource_type) if parts else None
-    if parts is None or kind is None or not parts.name:
-        return None
-    namespace = "" if kind == "Node" else parts.namespace
-    rv = _rv_number(point.rv)
-    metadata: dict[str, Any] = {"name": parts.name}
-    if namespace:
-        metadata["namespace"] = namespace
-    metadata.update(uid=uid, resourceVersion=str(rv))
-    body = {"kind": kind, "apiVersion": "v1", "metadata": metadata}
-    return StoredObject(
-        key=ObjectKey(kind, namespace, parts.name),
-        uid=uid,
-        rv=rv,
-        body=body,
-        manifest="",
-        source="",
-    )
-
-
-def _missed(delivery: Delivery) -> Missed:
-    delete = delivery.operation == OP_DELETE
-    return Missed(
-        uid=delivery.obj.uid,
-        resource_version=str(delivery.obj.rv),
-        delete=delete,
-        build=lambda: to_message(delivery, _now_ms()),
-    )
-
-
-def _rv_number(text: str) -> int:
-    return int(text) if text.isascii() and text.isdigit() and len(text) <= 20 else 0
 
 
 def _now_ms() -> int:

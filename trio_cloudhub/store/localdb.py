@@ -25,6 +25,7 @@ import attrs
 
 from trio_cloudhub.store.base import StoreError
 from trio_cloudhub.store.manifests import ObjectKey
+from trio_cloudhub.store.reconcile import AckKey, AckPoint
 from trio_cloudhub.store.routing import StoredObject
 
 log = logging.getLogger("trio_cloudhub.store")
@@ -49,15 +50,6 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (kind, namespace, name));
 CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, updated_ms);
 """
-
-
-@attrs.frozen(slots=True)
-class AckPoint:
-    rv: str
-    resource: str  # the acknowledged message's cloud resource, to rebuild a delete
-
-
-AckKey = tuple[str, str]  # (node, uid)
 
 
 @attrs.frozen(slots=True)

@@ -1,0 +1,88 @@
+"""One blocking `kubernetes` client call, its answer read raw with a size bound.
+
+Raw answers (`_preload_content=False`) skip the client's model objects, which are slow and
+drop fields they do not know. Failures of every kind become `KubeCallError`: an HTTP status
+from the API server, or `status=None` when there was no answer (network, TLS, timeout).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from trio_cloudhub.pki.kube_secrets import status_message
+
+# (connect, read) seconds: a hung API server must not hold a worker thread forever.
+REQUEST_TIMEOUT = (10.0, 30.0)
+MAX_ANSWER_BYTES = 8 * 1024 * 1024
+READ_CHUNK = 64 * 1024
+
+
+class KubeCallError(Exception):
+    """An API call that failed: `status` None means no HTTP answer (network, TLS, timeout)."""
+
+    def __init__(self, status: int | None, body: bytes) -> None:
+        self.status = status
+        self.body = body
+        super().__init__(f"{status or 'no answer'}: {status_message(body)}")
+
+    @property
+    def reason(self) -> str:
+        """The Status `reason` (NotFound, AlreadyExists, Conflict ...), or ""."""
+        try:
+            status = json.loads(self.body)
+        except ValueError:
+            return ""
+        reason = status.get("reason") if isinstance(status, dict) else None
+        return reason if isinstance(reason, str) else ""
+
+
+def call_raw(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """One client call returning the raw urllib3 response; failures become KubeCallError."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return function(*args, _preload_content=False, _request_timeout=REQUEST_TIMEOUT, **kwargs)
+    except ApiException as exc:
+        raw: Any = exc.body
+        body = raw.encode("utf-8", "replace") if isinstance(raw, str) else bytes(raw or b"")
+        raise KubeCallError(exc.status or None, body or str(exc.reason).encode()) from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise KubeCallError(None, str(exc).encode("utf-8", "replace")) from None
+
+
+def read_body(response: Any, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """At most `limit + 1` bytes, so an oversized answer is refused without reading it all."""
+    import urllib3
+
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size <= limit:
+            chunk = response.read(min(READ_CHUNK, limit + 1 - size))
+            if not chunk:
+                response.release_conn()
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        else:
+            response.close()
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        response.close()
+        raise KubeCallError(None, str(exc).encode("utf-8", "replace")) from None
+    return b"".join(chunks)
+
+
+def call_json(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """One call, its JSON answer parsed (None for an empty one); bounded in size."""
+    data = read_body(call_raw(function, *args, **kwargs))
+    if len(data) > MAX_ANSWER_BYTES:
+        raise KubeCallError(None, f"answer larger than {MAX_ANSWER_BYTES} bytes".encode())
+    if not data.strip():
+        return None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise KubeCallError(None, f"answer is not JSON: {exc}".encode()) from None
