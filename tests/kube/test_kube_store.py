@@ -54,8 +54,8 @@ class Sent:
     def seen(self) -> list[tuple[str, str]]:
         return [(m.route.operation, m.route.resource) for m in self.messages]
 
-    async def wait_for(self, check: Callable[[], bool], timeout: float = 5.0) -> None:
-        with trio.fail_after(timeout):
+    async def wait_for(self, check: Callable[[], bool], seconds: float = 5.0) -> None:
+        with trio.fail_after(seconds):
             while not check():
                 self._changed = trio.Event()
                 await self._changed.wait()
@@ -105,7 +105,7 @@ async def test_start_up_sends_nothing_and_a_node_gets_its_state_by_reconciliatio
 async def test_changes_are_delivered_as_cloudcore_sends_them(
     fake_kube: FakeKube, running: tuple[KubeStore, Sent]
 ) -> None:
-    store, sent = running
+    _, sent = running
     fake_kube.put(edge_node("e1"))
     await sent.wait_for(lambda: ("update", "node/e1/null/node/e1") in sent.seen())
     fake_kube.put(config_map("cm"))

@@ -186,9 +186,7 @@ class AckBook:
         for uid in list(self.of_node(node)):
             self.remove(node, uid)
 
-    def _change(
-        self, node: str, uid: str, point: AckPoint | None, *, resource: str = ""
-    ) -> None:
+    def _change(self, node: str, uid: str, point: AckPoint | None, *, resource: str = "") -> None:
         parts = split_cloud_resource(point.resource if point else resource)
         kind = KINDS_BY_TYPE.get(parts.resource_type) if parts else None
         if parts is None or kind is None:

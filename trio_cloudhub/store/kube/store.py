@@ -114,9 +114,7 @@ class KubeStore:
             ),
         }
         return {
-            kind: Informer(
-                kind, function, limiter=self._watch_threads, watch_timeout=watch_timeout
-            )
+            kind: Informer(kind, function, limiter=self._watch_threads, watch_timeout=watch_timeout)
             for kind, function in functions.items()
         }
 
