@@ -117,14 +117,25 @@ def _setup_logging(level: str) -> None:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    if config.store_kind != "local":
-        raise ConfigError(
-            "the Kubernetes store is not implemented yet: leave kubeAPIConfig empty "
-            "or set trioCloudHub.store: local"
-        )
     _setup_logging(config.trio_cloud_hub.log_level)
-    trio.run(_serve_until_signal, config)
+    try:
+        trio.run(_serve_until_signal, config)
+    except BaseExceptionGroup as group:
+        raise _single_failure(group) from None
     return 0
+
+
+def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """A start-up failure the user should read plainly, out of trio's exception groups."""
+    leaves = _leaves(group)
+    expected = (ConfigError, CredentialsError, StoreError, OSError)
+    return next((exc for exc in leaves if isinstance(exc, expected)), group)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 async def _serve_until_signal(config: Config) -> None:

@@ -198,7 +198,7 @@ async def test_get_on_an_empty_data_dir_prints_a_header(tmp_path: Path, what: st
     assert out.startswith("NAME")
 
 
-async def test_kubernetes_store_is_refused_clearly_until_it_exists(tmp_path: Path) -> None:
+async def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     config = tmp_path / "kube.yaml"
     config.write_text("kubeAPIConfig: {kubeConfig: /nowhere/kubeconfig}\n")
     result = await trio.run_process(
@@ -207,4 +207,6 @@ async def test_kubernetes_store_is_refused_clearly_until_it_exists(tmp_path: Pat
         check=False,
     )
     assert result.returncode == 1
-    assert b"Kubernetes store is not implemented yet" in result.stderr
+    assert b"trio-cloudhub: " in result.stderr
+    assert b"kube" in result.stderr.lower()
+    assert b"Traceback" not in result.stderr

@@ -46,6 +46,10 @@ class HubSettings:
     # (KubeEdge's default once enabled) failures are only logged.
     authorization: bool = False
     authorization_debug: bool = True
+    # Keep a node's queue while it has no session (one hub: changes wait for it). With
+    # several hubs a node may be served by another one, so a hub keeps queues only for its
+    # sessions and a node that connects is brought up to date by reconciliation.
+    queue_while_away: bool = True
 
     @classmethod
     def from_config(cls, config: Config) -> HubSettings:
@@ -62,6 +66,7 @@ class HubSettings:
             reconcile_interval=extra.reconcile_interval_seconds,
             authorization=hub.authorization.enable,
             authorization_debug=hub.authorization.debug,
+            queue_while_away=config.store_kind == "local",
         )
 
 
@@ -97,6 +102,9 @@ class Hub:
         elif kind is Downstream.NODE_STOP:
             self.remove_node(node_id)
         elif kind is Downstream.ACK:
+            if not self.settings.queue_while_away and node_id not in self.sessions:
+                self.stats["dropped:away"] += 1  # reconciliation delivers it on connect
+                return
             entry = self.entry(node_id)
             acked = self.store.acked_version(node_id, object_uid(message.content))
             if entry.queue.offer(message, acked):
@@ -188,6 +196,8 @@ class Hub:
         finally:
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
+                if not self.settings.queue_while_away:
+                    self.nodes.pop(node_id, None)
             log.info("node %s disconnected: %s", node_id, session.end_reason or "closed")
         await conn.aclose(session.end_reason)
 

@@ -1,9 +1,10 @@
 """The root of the task tree (design section 3): `serve(config, task_status)`.
 
-Order matters: certificates first (nothing can listen without them), then the store, which
-hands each message straight to the hub's router (its `started()` means the cache is synced),
-then the reconciliation loop, HTTPS, the WebSocket listener, and only then
-`task_status.started(ServeInfo)`.
+Order matters: the cloud side's certificates first (nothing can listen without them: files
+and SQLite for the embedded store, the kubeedge secrets for Kubernetes), then HTTPS (/readyz
+answers "not ready" until the end), then the store, which hands each message straight to the
+hub's router (its `started()` means the caches are synced), the reconciliation loop, the
+WebSocket listener, and only then `task_status.started(ServeInfo)`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
 import attrs
 import trio
 
-from trio_cloudhub.config import Config
+from trio_cloudhub.config import Config, ConfigError
 from trio_cloudhub.edge.websocket import serve_websocket
 from trio_cloudhub.http.certs_store import (
     HubCredentials,
@@ -25,9 +28,17 @@ from trio_cloudhub.http.certs_store import (
     prepare_credentials,
     run_token_refresher,
 )
+from trio_cloudhub.http.kube_credentials import (
+    kube_secret_ops,
+    prepare_kube_credentials,
+    run_kube_token_refresher,
+)
 from trio_cloudhub.http.server import serve_https
 from trio_cloudhub.hub.hub import Hub, HubSettings
 from trio_cloudhub.pki.token import TokenKeeper
+from trio_cloudhub.store.base import CloudStore
+from trio_cloudhub.store.kube.client import KubeConfigError, RateLimiter, api_client
+from trio_cloudhub.store.kube.store import KubeStore
 from trio_cloudhub.store.local import LocalStore
 
 log = logging.getLogger("trio_cloudhub.hub")
@@ -71,38 +82,80 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
     extra = config.trio_cloud_hub
     data_dir = Path(extra.data_dir)
     manifests_dir = Path(extra.manifests_dir or data_dir / "manifests")
-    if config.store_kind != "local":
-        raise NotImplementedError("the Kubernetes store is not implemented yet; use store: local")
     _warn_unimplemented(config)
+    async with _open_cloud_side(config, data_dir, manifests_dir) as cloud:
+        hub = Hub(HubSettings.from_config(config), cloud.store)
+        ready = False
+        async with trio.open_nursery() as root:
+            root.start_soon(hub.dispatch_upstream)
+            await root.start(cloud.run_token_refresher)
+            # HTTPS first: /livez answers and /readyz says "not ready" during the cache sync.
+            https_port = await root.start(
+                partial(
+                    serve_https, cloud.credentials, cloud.tokens, config, ready_check=lambda: ready
+                )
+            )
+            await root.start(cloud.store.run, hub.route_downstream)
+            root.start_soon(hub.reconcile_forever)
+            websocket_port = 0
+            if config.cloud_hub.websocket.enable:
+                websocket_port = await root.start(_serve_edges, hub, cloud.credentials, config)
+            ready = True
+            task_status.started(
+                ServeInfo(
+                    websocket_port=websocket_port,
+                    https_port=https_port,
+                    data_dir=data_dir,
+                    manifests_dir=manifests_dir,
+                    hub=hub,
+                    credentials=cloud.credentials,
+                    tokens=cloud.tokens,
+                )
+            )
+
+
+@attrs.frozen
+class _CloudSide:
+    """What the configured cloud side gives the hub: its store and where credentials live."""
+
+    store: CloudStore
+    credentials: HubCredentials
+    tokens: TokenKeeper
+    run_token_refresher: Callable[..., Awaitable[None]]
+
+
+@asynccontextmanager
+async def _open_cloud_side(
+    config: Config, data_dir: Path, manifests_dir: Path
+) -> AsyncIterator[_CloudSide]:
+    if config.store_kind == "kube":
+        async with _open_kube_side(config) as side:
+            yield side
+        return
     credentials = await trio.to_thread.run_sync(prepare_credentials, config, data_dir)
     tokens = new_token_keeper(credentials, config)
-    store = LocalStore(data_dir, manifests_dir, poll_interval=extra.manifests_poll_interval)
-    hub = Hub(HubSettings.from_config(config), store)
-    ready = False
+    store = LocalStore(
+        data_dir, manifests_dir, poll_interval=config.trio_cloud_hub.manifests_poll_interval
+    )
+    yield _CloudSide(store, credentials, tokens, partial(run_token_refresher, tokens, data_dir))
 
-    async with trio.open_nursery() as root:
-        root.start_soon(hub.dispatch_upstream)
-        await root.start(store.run, hub.route_downstream)
-        root.start_soon(hub.reconcile_forever)
-        await root.start(run_token_refresher, tokens, data_dir)
-        https_port = await root.start(
-            partial(serve_https, credentials, tokens, config, ready_check=lambda: ready)
-        )
-        websocket_port = 0
-        if config.cloud_hub.websocket.enable:
-            websocket_port = await root.start(_serve_edges, hub, credentials, config)
-        ready = True
-        task_status.started(
-            ServeInfo(
-                websocket_port=websocket_port,
-                https_port=https_port,
-                data_dir=data_dir,
-                manifests_dir=manifests_dir,
-                hub=hub,
-                credentials=credentials,
-                tokens=tokens,
-            )
-        )
+
+@asynccontextmanager
+async def _open_kube_side(config: Config) -> AsyncIterator[_CloudSide]:
+    api = config.kube_api_config
+    try:
+        client = api_client(api)
+    except KubeConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        log.info("cloud side: Kubernetes API server %s", client.configuration.host)
+        credentials = await prepare_kube_credentials(config, client)
+        tokens = new_token_keeper(credentials, config)
+        store = KubeStore(client, rate_limiter=RateLimiter(api.qps, api.burst))
+        refresher = partial(run_kube_token_refresher, tokens, kube_secret_ops(client))
+        yield _CloudSide(store, credentials, tokens, refresher)
+    finally:
+        client.close()
 
 
 async def _serve_edges(

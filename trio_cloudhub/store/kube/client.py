@@ -40,7 +40,9 @@ def api_client(api: KubeAPIConfig) -> Any:
     configuration = client.Configuration()
     try:
         if api.kube_config:
-            path = api.kube_config
+            path = os.path.expanduser(api.kube_config)
+            if not os.path.isfile(path):
+                raise KubeConfigError(f"kubeAPIConfig.kubeConfig: {path}: no such file")
             config.load_kube_config(path, client_configuration=configuration)  # type: ignore[no-untyped-call]
         elif not api.master and in_cluster():
             config.load_incluster_config(  # type: ignore[no-untyped-call]

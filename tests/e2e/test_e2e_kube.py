@@ -1,0 +1,146 @@
+"""End to end on Kubernetes: `serve` with a kubeconfig for the fake API server (real client,
+real TLS on loopback, simulated EdgeCore), one hub and two hubs sharing the cluster."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trio_cloudhub.config import parse_config
+from trio_cloudhub.core.message import Message
+from trio_cloudhub.hub.server import ServeInfo, serve
+from trio_cloudhub.store.kube.store import EDGE_LABEL
+from trio_cloudhub.testing.edge_sim import EdgeIdentity, bootstrap, open_sim_edge
+from trio_cloudhub.testing.fake_kube import FakeKube, open_fake_kube
+
+CONFIG = """\
+apiVersion: cloudcore.config.kubeedge.io/v1alpha1
+kind: CloudCore
+kubeAPIConfig: {{kubeConfig: "{kubeconfig}", qps: 1000, burst: 1000}}
+modules:
+  cloudHub:
+    advertiseAddress: [127.0.0.1]
+    websocket: {{address: 127.0.0.1, port: 0}}
+    https: {{address: 127.0.0.1, port: 0}}
+    unixsocket: {{enable: false}}
+trioCloudHub: {{dataDir: "{data_dir}", reconcileIntervalSeconds: 0.5}}
+"""
+
+
+def edge_node(name: str) -> dict[str, Any]:
+    return {
+        "kind": "Node",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "labels": {EDGE_LABEL: ""}},
+    }
+
+
+def pod(name: str, node: str, config_map: str) -> dict[str, Any]:
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "nodeName": node,
+            "containers": [{"name": "c", "image": "busybox"}],
+            "volumes": [{"name": "v", "configMap": {"name": config_map}}],
+        },
+    }
+
+
+def config_map(name: str, value: str) -> dict[str, Any]:
+    return {
+        "kind": "ConfigMap",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": "default"},
+        "data": {"v": value},
+    }
+
+
+def is_object(kind: str, name: str, operation: str | None = None) -> Any:
+    def match(message: Message) -> bool:
+        resource = message.resource.split("/")
+        ok = len(resource) == 3 and resource[1] == kind and resource[2] == name
+        return ok and (operation is None or message.operation == operation)
+
+    return match
+
+
+@asynccontextmanager
+async def hub_on(kube: FakeKube, folder: Path) -> AsyncIterator[ServeInfo]:
+    folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (test set-up)
+    kubeconfig = kube.write_kubeconfig(folder / "kubeconfig")
+    text = CONFIG.format(kubeconfig=kubeconfig, data_dir=folder / "data")
+    config = parse_config(text, "test.yaml")
+    async with trio.open_nursery() as nursery:
+        info: ServeInfo = await nursery.start(serve, config)
+        yield info
+        nursery.cancel_scope.cancel()
+
+
+async def join(info: ServeInfo, node: str) -> EdgeIdentity:
+    return await bootstrap("127.0.0.1", info.https_port, info.tokens.token, node)
+
+
+async def test_one_hub_delivers_a_clusters_pods_and_writes_ack_points(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with open_fake_kube(bookmark_interval=0.2) as kube, hub_on(kube, tmp_path) as hub:
+            assert kube.get("Secret", "kubeedge", "casecret") is not None
+            assert kube.get("Secret", "kubeedge", "tokensecret") is not None
+            kube.put(edge_node("e1"))
+            kube.put(config_map("cm", "one"))
+            kube.put(pod("web", "e1", "cm"))
+            identity = await join(hub, "e1")
+            async with open_sim_edge("127.0.0.1", hub.websocket_port, identity, "e1") as edge:
+                node = await edge.expect(is_object("node", "e1", "update"), 10)
+                assert node.content["kind"] == "Node"
+                await edge.expect(is_object("pod", "web", "insert"), 10)
+                first = await edge.expect(is_object("configmap", "cm", "insert"), 10)
+                kube.put(config_map("cm", "two"))
+                update = await edge.expect(is_object("configmap", "cm", "update"), 10)
+                assert update.content["data"] == {"v": "two"}
+                assert int(update.header.resource_version) > int(first.header.resource_version)
+                uid = update.content["metadata"]["uid"]
+                with trio.fail_after(10):
+                    while True:
+                        sync = kube.get("ObjectSync", "default", f"e1.{uid}")
+                        status = (sync or {}).get("status", {})
+                        if status.get("objectResourceVersion") == update.header.resource_version:
+                            break
+                        await trio.sleep(0.05)
+
+
+async def test_a_node_moving_to_another_hub_gets_what_it_missed_and_nothing_it_acked(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(90):
+        async with (
+            open_fake_kube(bookmark_interval=0.2) as kube,
+            hub_on(kube, tmp_path / "a") as hub_a,
+            hub_on(kube, tmp_path / "b") as hub_b,
+        ):
+            # Both hubs share one CA through casecret, so one identity works on both.
+            assert hub_a.credentials.ca_der == hub_b.credentials.ca_der
+            kube.put(edge_node("e1"))
+            kube.put(config_map("cm", "one"))
+            kube.put(pod("web", "e1", "cm"))
+            identity = await join(hub_a, "e1")
+            async with open_sim_edge("127.0.0.1", hub_a.websocket_port, identity, "e1") as edge:
+                await edge.expect(is_object("configmap", "cm", "insert"), 10)
+                await edge.expect(is_object("pod", "web", "insert"), 10)
+                await trio.sleep(0.5)  # ACKs written as ObjectSyncs
+            # Hub A holds no session for e1 now: no queue either.
+            assert "e1" not in hub_a.hub.nodes
+            kube.put(config_map("cm", "two"))  # while e1 is connected nowhere
+            await trio.sleep(0.3)
+            assert "e1" not in hub_a.hub.nodes and "e1" not in hub_b.hub.nodes
+            async with open_sim_edge("127.0.0.1", hub_b.websocket_port, identity, "e1") as edge:
+                update = await edge.expect(is_object("configmap", "cm"), 10)
+                assert update.content["data"] == {"v": "two"}
+                await trio.sleep(1.5)  # several reconciliation rounds
+                resources = [m.resource for m in edge.messages() if m.route.group == "resource"]
+                assert resources == ["default/configmap/cm"], resources
