@@ -3,8 +3,10 @@ real TLS on loopback, simulated EdgeCore), one hub and two hubs sharing the clus
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,9 @@ from trio_cloudhub.config import parse_config
 from trio_cloudhub.core.message import Message
 from trio_cloudhub.hub.server import ServeInfo, serve
 from trio_cloudhub.store.kube.store import EDGE_LABEL
-from trio_cloudhub.testing.edge_sim import EdgeIdentity, bootstrap, open_sim_edge
+from trio_cloudhub.testing.edge_sim import EdgeIdentity, bootstrap, https_get, open_sim_edge
 from trio_cloudhub.testing.fake_kube import FakeKube, open_fake_kube
+from trio_cloudhub.testing.hub_process import free_ports
 
 CONFIG = """\
 apiVersion: cloudcore.config.kubeedge.io/v1alpha1
@@ -144,3 +147,71 @@ async def test_a_node_moving_to_another_hub_gets_what_it_missed_and_nothing_it_a
                 await trio.sleep(1.5)  # several reconciliation rounds
                 resources = [m.resource for m in edge.messages() if m.route.group == "resource"]
                 assert resources == ["default/configmap/cm"], resources
+
+
+async def test_the_hub_keeps_serving_while_the_api_server_is_away_and_catches_up(
+    tmp_path: Path,
+) -> None:
+    with trio.fail_after(60):
+        async with open_fake_kube(bookmark_interval=0.2) as kube, hub_on(kube, tmp_path) as hub:
+            for node in ("e1", "e2"):
+                kube.put(edge_node(node))
+                kube.put(pod(f"web-{node}", node, "cm"))
+            kube.put(config_map("cm", "one"))
+            identity = await join(hub, "e1")
+            async with open_sim_edge("127.0.0.1", hub.websocket_port, identity, "e1") as edge:
+                await edge.expect(is_object("configmap", "cm", "insert"), 10)
+                await kube.stop()
+                kube.put(config_map("cm", "two"))  # reaches the hub only once it is back
+                # Meanwhile another edge joins and gets its state from the hub's caches.
+                other = await join(hub, "e2")
+                async with open_sim_edge("127.0.0.1", hub.websocket_port, other, "e2") as e2:
+                    await e2.expect(is_object("pod", "web-e2", "insert"), 10)
+                    cm = await e2.expect(is_object("configmap", "cm", "insert"), 10)
+                    assert cm.content["data"] == {"v": "one"}
+                    assert edge.close_reason is None
+                    await kube.start()
+                    update = await edge.expect(is_object("configmap", "cm", "update"), 20)
+                    assert update.content["data"] == {"v": "two"}
+                    await e2.expect(is_object("configmap", "cm", "update"), 20)
+                    cm_uid = cm.content["metadata"]["uid"]
+                    # The ack points written while the API server was away are written now.
+                    with trio.fail_after(20):
+                        while kube.get("ObjectSync", "default", f"e2.{cm_uid}") is None:
+                            await trio.sleep(0.1)
+
+
+async def test_readyz_waits_for_the_cache_sync(tmp_path: Path) -> None:
+    https_port, websocket_port = free_ports(2)
+    with trio.fail_after(60):
+        async with open_fake_kube(bookmark_interval=0.2) as kube:
+            kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
+            text = CONFIG.format(kubeconfig=kubeconfig, data_dir=tmp_path / "data")
+            text = text.replace("port: 0}", "port: PORT}", 2)
+            text = text.replace("PORT", str(websocket_port), 1).replace("PORT", str(https_port))
+            kube.fail_next(503, times=1000, verb="list", resource="configmaps")
+            async with trio.open_nursery() as nursery:
+                config = parse_config(text, "t.yaml")
+                nursery.start_soon(partial(serve, config, task_status=trio.TASK_STATUS_IGNORED))
+                status = await poll_readyz(https_port, lambda status: status != 0)
+                assert status == 503
+                await trio.sleep(0.5)
+                assert await poll_readyz(https_port, lambda status: True) == 503
+                kube.clear_faults()
+                assert await poll_readyz(https_port, lambda status: status == 200) == 200
+                nursery.cancel_scope.cancel()
+
+
+async def poll_readyz(port: int, done: Callable[[int], bool]) -> int:
+    """/readyz's status (0: no answer yet) once `done` accepts it."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    while True:
+        try:
+            status, _ = await https_get("127.0.0.1", port, "/readyz", context)
+        except OSError:
+            status = 0
+        if done(status):
+            return status
+        await trio.sleep(0.05)

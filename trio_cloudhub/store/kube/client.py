@@ -54,6 +54,9 @@ def api_client(api: KubeAPIConfig) -> Any:
         raise KubeConfigError(f"kubeAPIConfig: {exc}") from None
     if api.master:
         configuration.host = api.master
+    # Our callers retry with back-off and log once; urllib3's own retries would log a warning
+    # for every attempt while the API server is away.
+    configuration.retries = False
     return client.ApiClient(configuration)
 
 
