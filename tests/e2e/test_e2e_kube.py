@@ -177,7 +177,7 @@ async def test_the_hub_keeps_serving_while_the_api_server_is_away_and_catches_up
                     cm_uid = cm.content["metadata"]["uid"]
                     # The ack points written while the API server was away are written now.
                     with trio.fail_after(20):
-                        while kube.get("ObjectSync", "default", f"e2.{cm_uid}") is None:
+                        while kube.get("ObjectSync", "default", f"e2.{cm_uid}") is None:  # noqa: ASYNC110
                             await trio.sleep(0.1)
 
 
