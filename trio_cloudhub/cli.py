@@ -24,6 +24,7 @@ from trio_cloudhub.config import (
     parse_config,
 )
 from trio_cloudhub.http.certs_store import CredentialsError, current_token
+from trio_cloudhub.http.kube_credentials import stored_kube_token
 from trio_cloudhub.hub.server import ServeInfo, serve
 from trio_cloudhub.store.base import StoreError
 from trio_cloudhub.store.local import read_reports
@@ -173,11 +174,16 @@ def _log_ready(info: ServeInfo) -> None:
 
 
 def _token(config: Config, args: argparse.Namespace) -> int:
-    print(current_token(Path(config.trio_cloud_hub.data_dir), config))
+    if config.store_kind == "kube":
+        print(trio.run(stored_kube_token, config))  # what `keadm gettoken` prints
+    else:
+        print(current_token(Path(config.trio_cloud_hub.data_dir), config))
     return 0
 
 
 def _get(config: Config, args: argparse.Namespace) -> int:
+    if config.store_kind == "kube":
+        raise ConfigError(f"edges report {args.what} to the cluster: use kubectl get {args.what}")
     kind = "nodestatus" if args.what == "nodes" else "podstatus"
     reports = read_reports(Path(config.trio_cloud_hub.data_dir), kind)
     rows = [("NAME", "NODE", "STATUS", "REPORTED")]

@@ -4,6 +4,7 @@ real TLS on loopback, simulated EdgeCore), one hub and two hubs sharing the clus
 from __future__ import annotations
 
 import ssl
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -78,6 +79,7 @@ async def hub_on(kube: FakeKube, folder: Path) -> AsyncIterator[ServeInfo]:
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (test set-up)
     kubeconfig = kube.write_kubeconfig(folder / "kubeconfig")
     text = CONFIG.format(kubeconfig=kubeconfig, data_dir=folder / "data")
+    (folder / "cloudcore.yaml").write_text(text)
     config = parse_config(text, "test.yaml")
     async with trio.open_nursery() as nursery:
         info: ServeInfo = await nursery.start(serve, config)
@@ -94,6 +96,11 @@ async def test_one_hub_delivers_a_clusters_pods_and_writes_ack_points(tmp_path: 
         async with open_fake_kube(bookmark_interval=0.2) as kube, hub_on(kube, tmp_path) as hub:
             assert kube.get("Secret", "kubeedge", "casecret") is not None
             assert kube.get("Secret", "kubeedge", "tokensecret") is not None
+            command = ["token", "--config", str(tmp_path / "cloudcore.yaml")]
+            printed = await trio.run_process(
+                [sys.executable, "-m", "trio_cloudhub", *command], capture_stdout=True
+            )
+            assert printed.stdout.decode().strip() == hub.tokens.token
             kube.put(edge_node("e1"))
             kube.put(config_map("cm", "one"))
             kube.put(pod("web", "e1", "cm"))

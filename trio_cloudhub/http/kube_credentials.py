@@ -62,12 +62,14 @@ from trio_cloudhub.pki.kube_secrets import (
     namespace_body,
     parse_ca_secret,
     parse_server_secret,
+    parse_token_secret,
     server_secret,
     startup_action,
     token_secret,
 )
 from trio_cloudhub.pki.token import TokenKeeper
 from trio_cloudhub.store.kube.calls import KubeCallError, call_raw, read_body
+from trio_cloudhub.store.kube.client import KubeConfigError, api_client
 
 logger = logging.getLogger("trio_cloudhub.http")
 
@@ -498,3 +500,22 @@ async def run_kube_token_refresher(
         deadline = trio.current_time() + interval
         logger.info("join token refreshed")
         error = await _save_token(api, token)
+
+
+async def stored_kube_token(config: Config) -> str:
+    """The join token in `kubeedge/tokensecret` (`trio-cloudhub token`, `keadm gettoken`)."""
+    try:
+        client = api_client(config.kube_api_config)
+    except KubeConfigError as exc:
+        raise CredentialsError(str(exc)) from None
+    try:
+        raw = await kube_secret_ops(client).read_secret(TOKEN_SECRET)
+    except KubeCallError as exc:
+        where = f"secret {NAMESPACE}/{TOKEN_SECRET}"
+        raise CredentialsError(f"cannot read {where} (start the hub once first): {exc}") from None
+    finally:
+        client.close()
+    try:
+        return parse_token_secret(load_secret_json(raw, TOKEN_SECRET))
+    except SecretError as exc:
+        raise CredentialsError(str(exc)) from None
