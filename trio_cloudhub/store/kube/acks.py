@@ -24,7 +24,7 @@ import attrs
 import trio
 
 from trio_cloudhub.core.message import cloud_resource, split_cloud_resource
-from trio_cloudhub.store.kube.calls import KubeCallError, call_json
+from trio_cloudhub.store.kube.calls import KubeCallError, RawApi
 from trio_cloudhub.store.kube.client import RateLimiter
 from trio_cloudhub.store.reconcile import SENT_RV, AckKey, AckPoint, rv_number
 from trio_cloudhub.store.routing import KINDS_BY_TYPE, RESOURCE_TYPES
@@ -39,6 +39,7 @@ CLUSTER_OBJECT_SYNCS = "clusterobjectsyncs"
 UID_LENGTH = 36  # Kubernetes uids are RFC 4122 text
 RETRY_BASE = 0.5
 RETRY_CAP = 30.0
+MERGE_PATCH = "application/merge-patch+json"
 WRITE_BATCH_DELAY = 0.02  # lets an ACK that follows its send closely coalesce with it
 
 
@@ -112,13 +113,13 @@ class AckBook:
 
     def __init__(
         self,
-        custom_api: Any,
+        api: RawApi,
         *,
         run: Runner,
         limiter: RateLimiter | None = None,
-        concurrency: int = 16,
+        concurrency: int = 4,
     ) -> None:
-        self._api = custom_api
+        self._api = api
         self._run = run
         self._limiter = limiter
         self._concurrency = concurrency
@@ -267,90 +268,58 @@ class AckBook:
         return True
 
     async def _api_write(self, key: AckKey, pending: Pending) -> Any:
-        node, uid = key
-        name = sync_name(node, uid)
-        if pending.point is None:
-            try:
-                return await self._call(self._delete, pending.namespace, name)
-            except KubeCallError as exc:
-                if exc.status == 404:
-                    return None
-                raise
-        if key not in self._exists:
-            try:
-                await self._call(self._create, pending.namespace, sync_body(node, uid, pending))
-            except KubeCallError as exc:
-                if exc.status != 409:
-                    raise
-            self._exists.add(key)
-        status = {"status": {"objectResourceVersion": pending.point.rv}}
+        """One worker-thread job per key: create when needed, then the status write."""
+        calls = 1 if pending.point is None or key in self._exists else 2
+        if self._limiter is not None:
+            for _ in range(calls):
+                await self._limiter.acquire()
+        write = partial(_write_blocking, self._api, key, pending, key in self._exists)
         try:
-            return await self._call(self._patch_status, pending.namespace, name, status)
+            answer, exists = await self._run(write)
         except KubeCallError as exc:
-            if exc.status == 404:
+            if exc.status == 404 and pending.point is not None:
                 self._exists.discard(key)  # deleted meanwhile: create it next time
             raise
+        if exists:
+            self._exists.add(key)
+        else:
+            self._exists.discard(key)
+        return answer
 
-    async def _call(self, function: Callable[..., Any], *args: Any) -> Any:
-        if self._limiter is not None:
-            await self._limiter.acquire()
-        return await self._run(partial(function, *args))
 
-    # blocking calls, run in worker threads
+# --- blocking calls, in worker threads ---------------------------------------------------
 
-    def _create(self, namespace: str, body: dict[str, Any]) -> Any:
-        if namespace:
-            return call_json(
-                self._api.create_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                OBJECT_SYNCS,
-                body,
-            )
-        return call_json(
-            self._api.create_cluster_custom_object, GROUP, VERSION, CLUSTER_OBJECT_SYNCS, body
-        )
 
-    def _patch_status(self, namespace: str, name: str, body: dict[str, Any]) -> Any:
-        merge = "application/merge-patch+json"
-        if namespace:
-            return call_json(
-                self._api.patch_namespaced_custom_object_status,
-                GROUP,
-                VERSION,
-                namespace,
-                OBJECT_SYNCS,
-                name,
-                body,
-                _content_type=merge,
-            )
-        return call_json(
-            self._api.patch_cluster_custom_object_status,
-            GROUP,
-            VERSION,
-            CLUSTER_OBJECT_SYNCS,
-            name,
-            body,
-            _content_type=merge,
-        )
+def sync_path(namespace: str, name: str = "") -> str:
+    """The API path of an ObjectSync (namespace given) or a ClusterObjectSync."""
+    base = f"/apis/{GROUP}/{VERSION}"
+    path = (
+        f"{base}/namespaces/{namespace}/{OBJECT_SYNCS}"
+        if namespace
+        else f"{base}/{CLUSTER_OBJECT_SYNCS}"
+    )
+    return f"{path}/{name}" if name else path
 
-    def _delete(self, namespace: str, name: str) -> Any:
-        if namespace:
-            return call_json(
-                self._api.delete_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                namespace,
-                OBJECT_SYNCS,
-                name,
-                grace_period_seconds=0,
-            )
-        return call_json(
-            self._api.delete_cluster_custom_object,
-            GROUP,
-            VERSION,
-            CLUSTER_OBJECT_SYNCS,
-            name,
-            grace_period_seconds=0,
-        )
+
+def _write_blocking(api: RawApi, key: AckKey, pending: Pending, exists: bool) -> tuple[Any, bool]:
+    """Write one ack point; returns the API's answer and whether the resource exists now."""
+    node, uid = key
+    name = sync_name(node, uid)
+    if pending.point is None:
+        try:
+            return api.request(
+                "DELETE", sync_path(pending.namespace, name), query="gracePeriodSeconds=0"
+            ), False
+        except KubeCallError as exc:
+            if exc.status == 404:
+                return None, False
+            raise
+    if not exists:
+        try:
+            api.request("POST", sync_path(pending.namespace), sync_body(node, uid, pending))
+        except KubeCallError as exc:
+            if exc.status != 409:  # AlreadyExists: another hub created it, fine
+                raise
+    status = {"status": {"objectResourceVersion": pending.point.rv}}
+    path = sync_path(pending.namespace, name) + "/status"
+    return api.request("PATCH", path, status, content_type=MERGE_PATCH), True

@@ -77,7 +77,67 @@ def read_body(response: Any, limit: int = MAX_ANSWER_BYTES) -> bytes:
 
 def call_json(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """One call, its JSON answer parsed (None for an empty one); bounded in size."""
-    data = read_body(call_raw(function, *args, **kwargs))
+    return _parsed(read_body(call_raw(function, *args, **kwargs)))
+
+
+class RawApi:
+    """Requests straight through the client's connection pool, for hot paths.
+
+    The generated API methods validate and serialise every argument (pydantic), which costs
+    more CPU than the request itself; the ack-point writes send thousands of tiny requests,
+    so they build path and body themselves. TLS, client certificates and the bearer token
+    (refreshed by the client's hook) are the `ApiClient`'s own.
+    """
+
+    def __init__(self, api_client: Any) -> None:
+        self._configuration = api_client.configuration
+        self._pool = api_client.rest_client.pool_manager
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        content_type: str = "application/json",
+        query: str = "",
+    ) -> Any:
+        """One request; the JSON answer (None when empty); KubeCallError on failure."""
+        import urllib3
+
+        headers = {"Accept": "application/json", **self._auth_headers()}
+        data = None
+        if body is not None:
+            headers["Content-Type"] = content_type
+            data = json.dumps(body, separators=(",", ":")).encode()
+        url = self._configuration.host.rstrip("/") + path + (f"?{query}" if query else "")
+        timeout = urllib3.Timeout(connect=REQUEST_TIMEOUT[0], read=REQUEST_TIMEOUT[1])
+        try:
+            response = self._pool.request(
+                method,
+                url,
+                body=data,
+                headers=headers,
+                preload_content=False,
+                timeout=timeout,
+                retries=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise KubeCallError(None, str(exc).encode("utf-8", "replace")) from None
+        answer = read_body(response)
+        if not 200 <= response.status < 300:
+            raise KubeCallError(response.status, answer)
+        return _parsed(answer)
+
+    def _auth_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for setting in self._configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers[setting["key"]] = setting["value"]
+        return headers
+
+
+def _parsed(data: bytes) -> Any:
     if len(data) > MAX_ANSWER_BYTES:
         raise KubeCallError(None, f"answer larger than {MAX_ANSWER_BYTES} bytes".encode())
     if not data.strip():

@@ -20,6 +20,8 @@ import yaml
 
 from trio_cloudhub.config import KubeAPIConfig
 
+CONNECTION_POOL_SIZE = 32
+
 
 class KubeConfigError(Exception):
     """The cluster cannot be reached with this configuration (file, URL, missing package)."""
@@ -57,6 +59,9 @@ def api_client(api: KubeAPIConfig) -> Any:
     # Our callers retry with back-off and log once; urllib3's own retries would log a warning
     # for every attempt while the API server is away.
     configuration.retries = False
+    # Informer watches hold connections for minutes; writes need their own (the default,
+    # 5 per core, makes urllib3 drop and reopen connections under load).
+    configuration.connection_pool_maxsize = CONNECTION_POOL_SIZE
     return client.ApiClient(configuration)
 
 
