@@ -103,7 +103,7 @@ def test_cluster_role_grants_exactly_what_the_hub_needs() -> None:
     assert rules_by_resource(role["rules"]) == {
         ("", "nodes", "*"): READ | {"create", "update", "patch"},
         ("", "nodes/status", "*"): {"update", "patch"},
-        ("", "pods", "*"): READ,
+        ("", "pods", "*"): READ | {"delete"},
         ("", "pods/status", "*"): {"update", "patch"},
         ("", "configmaps", "*"): READ,
         ("", "secrets", "*"): READ,
@@ -114,6 +114,7 @@ def test_cluster_role_grants_exactly_what_the_hub_needs() -> None:
         (syncs, "clusterobjectsyncs", "*"): all_verbs,
         (syncs, "objectsyncs/status", "*"): {"get", "update", "patch"},
         (syncs, "clusterobjectsyncs/status", "*"): {"get", "update", "patch"},
+        ("coordination.k8s.io", "leases", "*"): {"get", "create", "update"},
     }
 
 

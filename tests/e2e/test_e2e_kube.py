@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from tests.config.test_kube_conf import documents
 from trio_cloudhub.config import parse_config
 from trio_cloudhub.core.message import Message
 from trio_cloudhub.hub.server import ServeInfo, serve
@@ -122,6 +123,22 @@ async def test_one_hub_delivers_a_clusters_pods_and_writes_ack_points(tmp_path: 
                         if status.get("objectResourceVersion") == update.header.resource_version:
                             break
                         await trio.sleep(0.05)
+            assert_granted_by_rbac(kube)
+
+
+def assert_granted_by_rbac(kube: FakeKube) -> None:
+    """Every request the hub made is allowed by conf/kube/rbac.yaml (ignoring names)."""
+    granted: dict[str, set[str]] = {}
+    for doc in documents("rbac.yaml"):
+        for rule in doc.get("rules", []):
+            for resource in rule["resources"]:
+                granted.setdefault(resource, set()).update(rule["verbs"])
+    missing = {
+        (verb, resource)
+        for verb, resource in kube.requests
+        if verb not in granted.get(resource, set())
+    }
+    assert not missing, f"requests rbac.yaml does not grant: {sorted(missing)}"
 
 
 async def test_a_node_moving_to_another_hub_gets_what_it_missed_and_nothing_it_acked(

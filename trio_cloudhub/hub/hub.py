@@ -286,7 +286,7 @@ class Hub:
         kind, message = work.kind, work.message
         if kind in (Upstream.APPLICATION, Upstream.QUERY):
             return await self.store.answer_query(work.node_id, message)
-        if kind is Upstream.REPORT:
+        if kind in (Upstream.REPORT, Upstream.OTHER):
             return await self.store.apply_report(work.node_id, message)
         if kind is Upstream.CA_QUERY:
             # No Kubernetes API server CA on the embedded store: KubeEdge answers "" then.

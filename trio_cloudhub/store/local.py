@@ -58,6 +58,7 @@ from trio_cloudhub.store.answers import (
     answer_metamanager_query,
     is_application,
     is_metamanager_query,
+    is_report,
     report_reply,
     report_rows,
 )
@@ -569,6 +570,9 @@ class LocalStore:
         return (pod_node(obj.body) or None) if obj is not None else None
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
+        if not is_report(message):
+            log.debug("node %s: nothing to do for %s", node_id, message.route)
+            return None
         now = _now_ms()
         try:
             rows = report_rows(node_id, message, now)

@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from trio_cloudhub.core.message import OP_DELETE, Message, object_uid
+from trio_cloudhub.store.answers import RequestError, answer_application, is_application
 from trio_cloudhub.store.base import Deliver, Missed
 from trio_cloudhub.store.kube.acks import (
     CLUSTER_OBJECT_SYNCS,
@@ -46,9 +47,11 @@ from trio_cloudhub.store.kube.acks import (
 from trio_cloudhub.store.kube.calls import RawApi
 from trio_cloudhub.store.kube.client import RateLimiter
 from trio_cloudhub.store.kube.informer import Informer
+from trio_cloudhub.store.kube.writeback import KubeWriteback, parse_request
 from trio_cloudhub.store.manifests import ObjectKey
 from trio_cloudhub.store.reconcile import as_missed, missed_deliveries, now_ms, rv_number
 from trio_cloudhub.store.routing import (
+    KINDS_BY_TYPE,
     Delivery,
     Placer,
     StoredObject,
@@ -108,6 +111,10 @@ class KubeStore:
         self._sending = False
         self.batches = 0  # batches delivered (in change stamps)
         self.synced = trio.Event()
+        self._deliver: Deliver | None = None
+        self.writeback = KubeWriteback(
+            RawApi(api_client), run=self.run_in_thread, cached=self.cached, limiter=rate_limiter
+        )
 
     def _informers(self, watch_timeout: int) -> dict[str, Informer]:
         core, custom = self._core, self._custom
@@ -141,6 +148,7 @@ class KubeStore:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Sync every informer, report started, then deliver changes until cancelled."""
+        self._deliver = deliver
         handlers = self._handlers()
         async with trio.open_nursery() as nursery:
             for kind, informer in self.informers.items():
@@ -340,10 +348,38 @@ class KubeStore:
     # --- upstream (CloudStore) ----------------------------------------------------------
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
-        return None
+        return await self._write_back(node_id, message)
 
     async def answer_query(self, node_id: str, message: Message) -> Message | None:
-        return None
+        if is_application(message):
+            try:
+                return answer_application(
+                    node_id, message, self.objects, self.resource_version, now_ms()
+                )
+            except RequestError as exc:
+                log.warning("node %s: unanswerable metaserver request: %s", node_id, exc)
+                return None
+        return await self._write_back(node_id, message)
+
+    async def _write_back(self, node_id: str, message: Message) -> Message | None:
+        """The first answer is returned; the others (a delete on the edge) go downstream."""
+        request = parse_request(node_id, message)
+        if request is None:
+            log.debug("node %s: nothing to do for %s", node_id, message.route)
+            return None
+        replies = await self.writeback.handle(request)
+        for extra in replies[1:]:
+            if self._deliver is not None:
+                self._deliver(extra)
+        return replies[0] if replies else None
+
+    def cached(self, resource_type: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The newest object the informers hold (by message resource type), or None."""
+        kind = KINDS_BY_TYPE.get(resource_type)
+        informer = self.informers.get(kind) if kind else None
+        if informer is None:
+            return None
+        return informer.cache.get(("" if kind == "Node" else namespace, name))
 
 
 class _Before(Mapping[ObjectKey, StoredObject]):
