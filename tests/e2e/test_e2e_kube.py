@@ -7,6 +7,7 @@ import ssl
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ import trio
 
 from tests.config.test_kube_conf import documents
 from trio_cloudhub.config import parse_config
-from trio_cloudhub.core.message import Message
+from trio_cloudhub.core.message import Message, new_message
 from trio_cloudhub.hub.server import ServeInfo, serve
+from trio_cloudhub.pki import certs
 from trio_cloudhub.store.kube.store import EDGE_LABEL
 from trio_cloudhub.testing.edge_sim import EdgeIdentity, bootstrap, https_get, open_sim_edge
 from trio_cloudhub.testing.fake_kube import FakeKube, open_fake_kube
@@ -239,3 +241,43 @@ async def poll_readyz(port: int, done: Callable[[int], bool]) -> int:
         if done(status):
             return status
         await trio.sleep(0.05)
+
+
+def api_server_tls(folder: Path) -> tuple[ssl.SSLContext, Path]:
+    """A CA and a 127.0.0.1 server certificate for the fake API server; the CA's file."""
+    now = datetime.now(UTC)
+    ca = certs.generate_ca(now)
+    server = certs.generate_server_cert(ca, now, ["127.0.0.1"], [])
+    (folder / "apiserver.crt").write_bytes(certs.cert_pem(server.cert_der))
+    (folder / "apiserver.key").write_bytes(certs.key_pem(server.key_der))
+    (folder / "apiserver-ca.crt").write_bytes(certs.cert_pem(ca.cert_der))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(folder / "apiserver.crt", folder / "apiserver.key")
+    return context, folder / "apiserver-ca.crt"
+
+
+async def test_over_https_the_edge_gets_the_api_servers_ca(tmp_path: Path) -> None:
+    context, ca_file = api_server_tls(tmp_path)
+    with trio.fail_after(60):
+        async with open_fake_kube(ssl_context=context, bookmark_interval=0.2) as kube:
+            kube.write_kubeconfig(tmp_path / "kubeconfig", ca_file=ca_file)
+            text = CONFIG.format(kubeconfig=tmp_path / "kubeconfig", data_dir=tmp_path / "data")
+            async with trio.open_nursery() as nursery:
+                hub: ServeInfo = await nursery.start(serve, parse_config(text, "t.yaml"))
+                kube.put(edge_node("e1"))
+                identity = await join(hub, "e1")
+                async with open_sim_edge("127.0.0.1", hub.websocket_port, identity, "e1") as edge:
+                    await edge.expect(is_object("node", "e1"), 10)
+                    query = new_message(
+                        source="metaManager",
+                        group="meta",
+                        operation="query",
+                        resource="k8s/ca.crt",
+                        content=None,
+                        now_ms=0,
+                    )
+                    await edge.send_message(query)
+                    answer = await edge.expect(lambda m: m.resource == "k8s/ca.crt", 10)
+                    assert answer.content == ca_file.read_text()
+                    assert answer.header.parent_msg_id == query.header.msg_id
+                nursery.cancel_scope.cancel()

@@ -123,3 +123,19 @@ async def test_two_hubs_starting_together_on_an_empty_cluster_share_one_ca(
         secrets = [s["metadata"]["name"] for s in kube.objects("Secret", "kubeedge")]
         assert sorted(secrets) == ["casecret", "cloudcoresecret"]
         assert kube.count("create", "secrets") >= 2  # both tried; one create won
+
+
+async def test_api_errors_at_start_up_are_retried_and_never_replace_the_ca(
+    tmp_path: Path,
+) -> None:
+    async with open_fake_kube() as kube:
+        put_cloudcore_secrets(kube)
+        kube.fail_next(403, times=2, verb="get", resource="secrets", message="not yet")
+        kube.fail_next(500, times=2, verb="get", resource="secrets")
+        api = kube.api_client()
+        with trio.fail_after(30):
+            credentials = await prepare_kube_credentials(make_config(tmp_path), api)
+        api.close()
+        assert credentials.ca_der == base64.b64decode(CLOUDCORE_CA)
+        assert kube.count("create", "secrets") == 0
+        assert kube.count("update", "secrets") == 0

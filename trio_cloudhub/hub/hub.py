@@ -289,8 +289,7 @@ class Hub:
         if kind in (Upstream.REPORT, Upstream.OTHER):
             return await self.store.apply_report(work.node_id, message)
         if kind is Upstream.CA_QUERY:
-            # No Kubernetes API server CA on the embedded store: KubeEdge answers "" then.
-            reply = response_to(message, "", self.now_ms())
+            reply = response_to(message, self.store.api_server_ca(), self.now_ms())
             route = attrs.evolve(
                 reply.route,
                 source="cloudhub",

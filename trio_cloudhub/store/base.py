@@ -96,3 +96,8 @@ class CloudStore(Protocol):
     def pod_node(self, namespace: str, name: str) -> str | None:
         """The node pod `namespace/name` is bound to (spec.nodeName); None if unknown."""
         ...
+
+    def api_server_ca(self) -> str:
+        """PEM of the Kubernetes API server's CA, for the edge's `k8s/ca.crt` query; "" when
+        there is none (KubeEdge answers "" when it cannot read it)."""
+        ...

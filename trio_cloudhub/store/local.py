@@ -569,6 +569,9 @@ class LocalStore:
         obj = self._objects.get(ObjectKey("Pod", namespace, name))
         return (pod_node(obj.body) or None) if obj is not None else None
 
+    def api_server_ca(self) -> str:
+        return ""  # no API server behind the embedded store
+
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         if not is_report(message):
             log.debug("node %s: nothing to do for %s", node_id, message.route)

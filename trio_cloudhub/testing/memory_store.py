@@ -124,6 +124,9 @@ class MemoryStore:
     def pod_node(self, namespace: str, name: str) -> str | None:
         return self.pods.get((namespace, name))
 
+    def api_server_ca(self) -> str:
+        return ""
+
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         self.reports.append((node_id, message))
         reply = response_to(message, "OK", int(trio.current_time() * 1000))

@@ -64,6 +64,7 @@ from trio_cloudhub.store.routing import (
 log = logging.getLogger("trio_cloudhub.kube")
 
 EDGE_LABEL = "node-role.kubernetes.io/edge"
+MAX_CA_BYTES = 64 * 1024
 BATCH_DELAY = 0.005  # after the first event of a batch, for the events that follow it
 SEND_BATCH = 256  # messages handed to the hub between checkpoints
 # Threads for API writes. Few: each runnable thread competes with the event loop for the GIL,
@@ -89,6 +90,7 @@ class KubeStore:
         self._core = client.CoreV1Api(api_client)
         self._custom = client.CustomObjectsApi(api_client)
         self.rate_limiter = rate_limiter
+        self._ca_file = str(api_client.configuration.ssl_ca_cert or "")
         # Each watch holds a thread for its whole stream: informers get their own threads.
         self._watch_threads = trio.CapacityLimiter(len(INFORMER_KINDS) + 2)
         self._write_threads = trio.CapacityLimiter(write_threads)
@@ -341,6 +343,18 @@ class KubeStore:
     def resource_version(self) -> int:
         """The newest resourceVersion the caches have seen (for List answers)."""
         return max(rv_number(informer.resource_version) for informer in self.informers.values())
+
+    def api_server_ca(self) -> str:
+        """The CA the client trusts the API server with (kubeconfig or in-cluster)."""
+        path = self._ca_file
+        if not path:
+            return ""
+        try:
+            with open(path, encoding="ascii") as file:
+                return file.read(MAX_CA_BYTES)
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read the API server CA %s: %s", path, exc)
+            return ""
 
     def is_edge_node(self, name: str) -> bool:
         return name in self._edge_nodes
