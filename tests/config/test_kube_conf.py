@@ -103,7 +103,7 @@ def test_cluster_role_grants_exactly_what_the_hub_needs() -> None:
     assert rules_by_resource(role["rules"]) == {
         ("", "nodes", "*"): READ | {"create", "update", "patch"},
         ("", "nodes/status", "*"): {"update", "patch"},
-        ("", "pods", "*"): READ | {"delete"},
+        ("", "pods", "*"): READ | {"create", "delete"},
         ("", "pods/status", "*"): {"update", "patch"},
         ("", "configmaps", "*"): READ,
         ("", "secrets", "*"): READ,

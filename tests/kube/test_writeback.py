@@ -290,3 +290,48 @@ async def test_garbage_from_the_edge_is_logged_not_raised(
         ):
             assert await hub.apply_report("e1", message) is None
     assert caplog.text.count("unusable") == 4
+
+
+async def test_node_update_adds_labels_and_annotations_and_never_removes(
+    kube: FakeKube, store: tuple[KubeStore, Sent]
+) -> None:
+    hub, _ = store
+    kube.put(edge_node("e1", zone="a"))
+    body = {"metadata": {"name": "e1", "labels": {"gpu": "yes"}, "annotations": {"note": "x"}}}
+    reply = await hub.apply_report("e1", from_edge("update", "null/node/e1", body))
+    node = kube.get("Node", None, "e1")
+    assert node is not None
+    assert node["metadata"]["labels"]["gpu"] == "yes"
+    assert node["metadata"]["labels"]["zone"] == "a"
+    assert node["metadata"]["annotations"]["note"] == "x"
+    assert reply is not None and reply.content == "OK"
+    assert reply.header.resource_version == node["metadata"]["resourceVersion"]
+
+
+async def test_mirror_pods_are_created(kube: FakeKube, store: tuple[KubeStore, Sent]) -> None:
+    hub, _ = store
+    mirror = pod("static-e1", "e1")
+    reply = await hub.apply_report("e1", from_edge("insert", "default/pod/static-e1", mirror))
+    assert reply is not None and reply.content["Err"] is None
+    assert kube.get("Pod", "default", "static-e1") is not None
+
+
+async def test_a_stale_heartbeat_is_refreshed_and_a_list_of_pod_statuses_accepted(
+    kube: FakeKube, store: tuple[KubeStore, Sent]
+) -> None:
+    hub, _ = store
+    kube.put(edge_node("e1"))
+    created = kube.put(pod("p", "e1"))
+    await seen(hub, "pod", "default", "p", created["metadata"]["resourceVersion"])
+    old = "2020-01-01T00:00:00Z"
+    ready = {"type": "Ready", "status": "True", "lastHeartbeatTime": old}
+    report = {"UID": "u", "Status": {"conditions": [ready]}}
+    await hub.apply_report("e1", from_edge("update", "default/nodestatus/e1", report))
+    node = kube.get("Node", None, "e1")
+    assert node is not None
+    assert node["status"]["conditions"][0]["lastHeartbeatTime"] > old
+    statuses = [{"UID": created["metadata"]["uid"], "Name": "p", "Status": {"phase": "Failed"}}]
+    reply = await hub.apply_report("e1", from_edge("update", "default/podstatus", statuses))
+    assert reply is not None and reply.content == "OK"
+    live = kube.get("Pod", "default", "p")
+    assert live is not None and live["status"]["phase"] == "Failed"

@@ -5,12 +5,14 @@ Resource strings, operations, contents and answers follow `upstream.go` of KubeE
 
 - `nodestatus` insert (v1.10 registration): get the Node, create it when NotFound; answer
   `<ns>/node/<n>` "OK" or the error text;
-- `nodestatus` update (a `NodeStatusRequest`): patch the Node status; answer `<ns>/node/<n>`
-  "OK" with the new resourceVersion;
+- `nodestatus` update (a `NodeStatusRequest`): patch the Node status (a heartbeat older than
+  10 s is set to now); answer `<ns>/node/<n>` "OK" with the new resourceVersion;
 - `podstatus` update (a list of `PodStatusRequest`): patch each pod's status, answer "OK"; a
   pod gone or replaced (other UID) is deleted on the edge; a pod being deleted whose
   containers all ended is deleted with grace period 0 (the end of a graceful deletion);
 - `node` insert (v1.23 registration): create the Node; answer an `ObjectResp`;
+- `node` update: add the edge's labels and annotations to the Node; `<ns>/node/<n>` "OK";
+- `pod` insert (v1.23 mirror pods): create the pod; `ObjectResp`;
 - `nodepatch`, `podpatch` patch: strategic merge patch of the status; `ObjectResp`;
 - `pod` delete (the pod UID as text, or DeleteOptions): delete the pod; "OK" or the error;
 - `lease` insert / update / query: create / update / get the lease; `ObjectResp`;
@@ -62,6 +64,7 @@ log = logging.getLogger("trio_cloudhub.kube")
 ATTEMPTS = 4
 RETRY_BASE = 0.5
 MAX_CONTENT_BYTES = 1024 * 1024
+HEARTBEAT_AGE = 10.0  # seconds: CloudCore's nodeUpdateFrequency default
 OK = "OK"
 STRATEGIC = "application/strategic-merge-patch+json"
 MERGE = "application/merge-patch+json"
@@ -92,8 +95,8 @@ class Request:
 def parse_request(node_id: str, message: Message) -> Request | None:
     """The request a message makes of the cluster, or None when it is not one we handle."""
     parts = split_edge_resource(message.route.resource)
-    if parts is None or not parts.name:
-        return None
+    if parts is None or (not parts.name and parts.resource_type != "podstatus"):
+        return None  # (a podstatus without a name carries a list of pods)
     operation = message.route.operation
     if operation == OP_QUERY:
         return Request(node_id, message, parts) if parts.resource_type in QUERY_TYPES else None
@@ -178,6 +181,8 @@ class KubeWriteback:
             ("nodestatus", OP_UPDATE): self._node_status,
             ("podstatus", OP_UPDATE): self._pod_statuses,
             ("node", OP_INSERT): self._register,
+            ("node", OP_UPDATE): self._node_labels,
+            ("pod", OP_INSERT): self._create_pod,
             ("nodepatch", OP_PATCH): partial(self._patch_status, "nodes"),
             ("podpatch", OP_PATCH): partial(self._patch_status, "pods"),
             ("pod", OP_DELETE): self._delete_pod,
@@ -248,13 +253,41 @@ class KubeWriteback:
             log.info("node %s registered (created Node %s)", request.node_id, request.parts.name)
         return [self._reply(request, object_resp(created, error))]
 
+    async def _node_labels(self, request: Request) -> list[Message]:
+        """`node` update: the edge's labels and annotations are added (never removed)."""
+        node = content_json(request.message.content)
+        metadata = node.get("metadata") if isinstance(node, dict) else None
+        if not isinstance(metadata, dict):
+            raise RequestError("node update without metadata")
+        patch = {
+            "metadata": {
+                field: metadata[field]
+                for field in ("labels", "annotations")
+                if isinstance(metadata.get(field), dict)
+            }
+        }
+        path = _object_path("nodes", "", request.parts.name)
+        patched, error = await self._logged_call(request, "PATCH", path, patch, content_type=MERGE)
+        if error is not None:
+            return []  # CloudCore answers nothing then either
+        return [self._reply(request, OK, resource_type="node", rv=_rv(patched))]
+
+    async def _create_pod(self, request: Request) -> list[Message]:
+        """v1.23: the kubelet's mirror pod of a static pod."""
+        pod = content_json(request.message.content)
+        if not isinstance(pod, dict):
+            raise RequestError("pod create without a Pod object")
+        path = f"/api/v1/namespaces/{request.parts.namespace}/pods"
+        created, error = await self._logged_call(request, "POST", path, pod)
+        return [self._reply(request, object_resp(created, error), rv=_rv(created))]
+
     async def _node_status(self, request: Request) -> list[Message]:
         """v1.10: a NodeStatusRequest; the reported status replaces the Node's."""
         report = content_json(request.message.content)
         status = report.get("Status") if isinstance(report, dict) else None
         if not isinstance(status, dict):
             raise RequestError("node status report without a Status object")
-        status = _reportable_node_status(status)
+        status = _with_fresh_heartbeats(_reportable_node_status(status))
         name = request.parts.name
         path = f"/api/v1/nodes/{name}/status"
         node, error = await self._logged_call(
@@ -352,6 +385,9 @@ class KubeWriteback:
         created, error = await self._logged_call(request, "POST", path, token_request)
         if error is not None:
             return [self._reply(request, error_status(error))]
+        if isinstance(created, dict):  # SetMetaType, as CloudCore's queryInner
+            created.setdefault("apiVersion", "authentication.k8s.io/v1")
+            created.setdefault("kind", "TokenRequest")
         return [self._reply(request, created, rv=_rv(created))]
 
     async def _query_cache(self, request: Request) -> list[Message]:
@@ -426,6 +462,32 @@ def _reportable_node_status(status: Mapping[str, Any]) -> dict[str, Any]:
     if not port:
         kept.pop("daemonEndpoints", None)
     return kept
+
+
+def _with_fresh_heartbeats(status: dict[str, Any]) -> dict[str, Any]:
+    """CloudCore's: a condition heartbeat older than HEARTBEAT_AGE (the edge's status was
+    stored while it was offline) is set to now, so the node is not taken for dead."""
+    now = datetime.datetime.now(datetime.UTC)
+    conditions = []
+    for condition in status.get("conditions") or []:
+        if isinstance(condition, dict) and _older_than(condition.get("lastHeartbeatTime"), now):
+            condition = {**condition, "lastHeartbeatTime": now.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        conditions.append(condition)
+    if conditions:
+        status["conditions"] = conditions
+    return status
+
+
+def _older_than(stamp: Any, now: datetime.datetime) -> bool:
+    if not isinstance(stamp, str):
+        return True
+    try:
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return (now - when).total_seconds() > HEARTBEAT_AGE
 
 
 def _pod_status_against(old: Mapping[str, Any], status: dict[str, Any]) -> dict[str, Any]:
