@@ -84,8 +84,7 @@ from trio_cloudhub.store.reconcile import (
     SENT_RV,
     AckKey,
     AckPoint,
-    as_missed,
-    missed_deliveries,
+    missed_on_node,
     stub_object,
 )
 from trio_cloudhub.store.routing import (
@@ -509,22 +508,8 @@ class LocalStore:
         """What takes `node_id` from its ack points to the desired state (see CloudStore)."""
         if self._sending or not self._open:
             return []  # a change is half delivered: its own messages are on their way
-        by_uid: dict[str, StoredObject] | None = None
-
-        def find_uid(uid: str) -> StoredObject | None:
-            nonlocal by_uid
-            if by_uid is None:
-                by_uid = {obj.uid: obj for obj in self._objects.values()}
-            return by_uid.get(uid)
-
-        deliveries = missed_deliveries(
-            node_id,
-            self._placer.keys_on(node_id),
-            self._objects,
-            self._acks.get(node_id, {}),
-            find_uid,
-        )
-        return [as_missed(delivery) for delivery in deliveries]
+        keys = self._placer.keys_on(node_id)
+        return missed_on_node(node_id, keys, self._objects, self._acks.get(node_id, {}))
 
     def change_stamp(self, node_id: str) -> tuple[int, ...]:
         return self._rv, self._sends_done, self._ack_changes.get(node_id, 0)

@@ -73,6 +73,25 @@ def missed_deliveries(
     return deliveries
 
 
+def missed_on_node(
+    node_id: str,
+    keys_on_node: Iterable[ObjectKey],
+    objects: Mapping[ObjectKey, StoredObject],
+    points: Mapping[str, AckPoint],
+) -> list[Missed]:
+    """`CloudStore.missed`: `missed_deliveries` with the objects found by uid when needed."""
+    by_uid: dict[str, StoredObject] | None = None
+
+    def find_uid(uid: str) -> StoredObject | None:
+        nonlocal by_uid
+        if by_uid is None:  # only for a withdrawn object: rare, and costs a pass over all
+            by_uid = {obj.uid: obj for obj in objects.values()}
+        return by_uid.get(uid)
+
+    deliveries = missed_deliveries(node_id, keys_on_node, objects, points, find_uid)
+    return [as_missed(delivery) for delivery in deliveries]
+
+
 def as_missed(delivery: Delivery) -> Missed:
     """A delivery as `CloudStore.missed` returns it: the message is built only when used."""
     return Missed(

@@ -49,7 +49,7 @@ from trio_cloudhub.store.kube.client import RateLimiter
 from trio_cloudhub.store.kube.informer import Informer
 from trio_cloudhub.store.kube.writeback import KubeWriteback, parse_request
 from trio_cloudhub.store.manifests import ObjectKey
-from trio_cloudhub.store.reconcile import as_missed, missed_deliveries, now_ms, rv_number
+from trio_cloudhub.store.reconcile import missed_on_node, now_ms, rv_number
 from trio_cloudhub.store.routing import (
     KINDS_BY_TYPE,
     Delivery,
@@ -316,22 +316,8 @@ class KubeStore:
     def missed(self, node_id: str) -> list[Missed]:
         if self._sending or not self._started:
             return []  # a batch is half delivered: its own messages are on their way
-        by_uid: dict[str, StoredObject] | None = None
-
-        def find_uid(uid: str) -> StoredObject | None:
-            nonlocal by_uid
-            if by_uid is None:
-                by_uid = {obj.uid: obj for obj in self.objects.values()}
-            return by_uid.get(uid)
-
-        deliveries = missed_deliveries(
-            node_id,
-            self._placer.keys_on(node_id),
-            self.objects,
-            self.acks.of_node(node_id),
-            find_uid,
-        )
-        return [as_missed(delivery) for delivery in deliveries]
+        keys = self._placer.keys_on(node_id)
+        return missed_on_node(node_id, keys, self.objects, self.acks.of_node(node_id))
 
     def change_stamp(self, node_id: str) -> tuple[int, ...]:
         return self.batches, self.acks.changes.get(node_id, 0)
