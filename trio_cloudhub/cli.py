@@ -161,10 +161,12 @@ async def _drain_on_signal(scope: trio.CancelScope, started: list[ServeInfo]) ->
 
 
 def _log_ready(info: ServeInfo) -> None:
+    quic = f", quic port {info.quic_port} (udp)" if info.quic_port else ""
     log.info(
-        "serving: websocket port %d, https port %d, data dir %s, manifests %s",
+        "serving: websocket port %d, https port %d%s, data dir %s, manifests %s",
         info.websocket_port,
         info.https_port,
+        quic,
         info.data_dir,
         info.manifests_dir,
     )

@@ -19,7 +19,14 @@ import trio
 
 from trio_cloudhub.config import Config
 from trio_cloudhub.core.admission import admission_problem
-from trio_cloudhub.core.message import Message, node_id_of, object_uid, response_to
+from trio_cloudhub.core.message import (
+    VOLUME_OPERATIONS,
+    Message,
+    new_msg_id,
+    node_id_of,
+    object_uid,
+    response_to,
+)
 from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
 from trio_cloudhub.hub.node import NodeEntry
@@ -27,9 +34,24 @@ from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.pki.identity import connection_identity_problem
 from trio_cloudhub.store.base import CloudStore, StoreError
+from trio_cloudhub.uds import UdsRequestError
 
 log = logging.getLogger("trio_cloudhub.hub")
 CLOSE_GRACE = 2.0  # drain: time for ended sessions to send their close frames
+
+
+class VolumeRequestError(UdsRequestError):
+    """A volume request the hub cannot send: no node named, not a volume operation, the
+    node not connected, the hub draining, or a request with the same id already waiting."""
+
+
+@attrs.define
+class _VolumeWaiter:
+    """A volume request waiting for its node's answer (the `parent_msg_id` of the answer)."""
+
+    node_id: str
+    done: trio.Event = attrs.field(factory=trio.Event)
+    answer: Message | None = None
 
 
 @attrs.frozen
@@ -81,6 +103,7 @@ class Hub:
         self._open_connections = 0
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
         self.upstream = UpstreamDispatcher(self._handle_upstream)
+        self._volume_waiters: dict[str, _VolumeWaiter] = {}  # request msg_id -> waiter
 
     @staticmethod
     def now_ms() -> int:
@@ -157,6 +180,72 @@ class Hub:
             session.end("node removed")
         if self.nodes.pop(node_id, None) is not None or session is not None:
             log.info("node %s removed from the desired state; its queue was dropped", node_id)
+
+    # --- volume requests (CSI driver over the UDS server, spec 8) -----------------------
+
+    async def request_volume(self, message: Message) -> Message:
+        """Send a CSI volume request to its node; return the node's answer.
+
+        `message` is the CSI driver's request: a volume operation (createvolume, deletevolume,
+        controllerpublishvolume, controllerunpublishvolume) on `node/<id>/<ns>/volume/<id>`.
+        It goes down once, without ACK, as KubeEdge sends it; the answer is the node's
+        message on `<ns>/volume/<id>` whose `parent_msg_id` is the request's id (a request
+        without an id gets one). KubeEdge drops no-ACK messages for a node that is not
+        connected, so that fails at once with `VolumeRequestError` instead of waiting.
+
+        Waits for the answer without a bound of its own: the caller sets one with
+        `trio.fail_after` (KubeEdge waits one minute). The waiter is removed however this
+        ends, cancellation included.
+        """
+        node_id = node_id_of(message.resource)
+        if not node_id:
+            raise VolumeRequestError(f"resource {message.resource!r} names no node")
+        if message.operation not in VOLUME_OPERATIONS:
+            raise VolumeRequestError(f"{message.operation!r} is not a volume operation")
+        if classify_downstream(message) is not Downstream.NO_ACK:
+            raise VolumeRequestError(f"{message.resource!r} is not delivered to the edge")
+        if self.draining:
+            raise VolumeRequestError("hub shutting down")
+        if node_id not in self.sessions:
+            raise VolumeRequestError(f"node {node_id} is not connected")
+        if not message.msg_id:
+            header = attrs.evolve(message.header, msg_id=new_msg_id())
+            message = attrs.evolve(message, header=header)
+        msg_id = message.msg_id
+        if msg_id in self._volume_waiters:
+            raise VolumeRequestError(f"a request with msg_id {msg_id} is already waiting")
+        waiter = self._volume_waiters[msg_id] = _VolumeWaiter(node_id)
+        try:
+            self.route_downstream(message)
+            await waiter.done.wait()
+            assert waiter.answer is not None
+            return waiter.answer
+        finally:
+            if self._volume_waiters.get(msg_id) is waiter:
+                del self._volume_waiters[msg_id]
+
+    def answer_volume(self, node_id: str, message: Message) -> None:
+        """An edge's `<ns>/volume/<id>` message: complete the request it answers, if any."""
+        parent = message.header.parent_msg_id
+        waiter = self._volume_waiters.get(parent) if parent else None
+        if waiter is None or waiter.answer is not None:
+            log.debug(
+                "node %s: volume %s %s answers no waiting request (parent %r); dropped",
+                node_id,
+                message.operation,
+                message.resource,
+                parent,
+            )
+            return
+        if waiter.node_id != node_id:
+            log.warning(
+                "node %s answered a volume request sent to node %s; dropped",
+                node_id,
+                waiter.node_id,
+            )
+            return
+        waiter.answer = message
+        waiter.done.set()
 
     # --- sessions ---------------------------------------------------------------------
 
@@ -265,6 +354,10 @@ class Hub:
     # --- upstream ---------------------------------------------------------------------
 
     async def submit_upstream(self, node_id: str, kind: Upstream, message: Message) -> None:
+        if kind is Upstream.VOLUME:
+            # A waiting request is completed at once: it never queues behind the store.
+            self.answer_volume(node_id, message)
+            return
         await self.upstream.submit(UpstreamWork(node_id, kind, message))
 
     async def dispatch_upstream(self) -> None:
@@ -297,7 +390,9 @@ class Hub:
                 resource=f"node/{work.node_id}/{message.resource}",
             )
             return attrs.evolve(reply, route=route)
-        if kind is Upstream.ERROR:
+        if kind is Upstream.VOLUME:
+            self.answer_volume(work.node_id, message)
+        elif kind is Upstream.ERROR:
             log.warning("node %s reported an error: %r", work.node_id, message.content)
         else:
             log.debug("node %s: %s message not handled: %s", work.node_id, kind.name, message.route)

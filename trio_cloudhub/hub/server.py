@@ -40,14 +40,17 @@ from trio_cloudhub.store.base import CloudStore
 from trio_cloudhub.store.kube.client import KubeConfigError, RateLimiter, api_client
 from trio_cloudhub.store.kube.store import KubeStore
 from trio_cloudhub.store.local import LocalStore
+from trio_cloudhub.uds import UdsSocketError, serve_uds
 
 log = logging.getLogger("trio_cloudhub.hub")
+QUIC_MAX_PAYLOAD = 32 * 1024 * 1024  # KubeEdge v1.23.1's bound on a QUIC message
 
 
 @attrs.frozen
 class ServeInfo:
     websocket_port: int
     https_port: int
+    quic_port: int
     data_dir: Path
     manifests_dir: Path
     hub: Hub
@@ -97,14 +100,19 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
             )
             await root.start(cloud.store.run, hub.route_downstream)
             root.start_soon(hub.reconcile_forever)
-            websocket_port = 0
+            if config.cloud_hub.unixsocket.enable:
+                await _start_uds(root, hub, config)
+            websocket_port = quic_port = 0
             if config.cloud_hub.websocket.enable:
                 websocket_port = await root.start(_serve_edges, hub, cloud.credentials, config)
+            if config.cloud_hub.quic.enable:
+                quic_port = await root.start(_serve_quic_edges, hub, cloud.credentials, config)
             ready = True
             task_status.started(
                 ServeInfo(
                     websocket_port=websocket_port,
                     https_port=https_port,
+                    quic_port=quic_port,
                     data_dir=data_dir,
                     manifests_dir=manifests_dir,
                     hub=hub,
@@ -177,11 +185,48 @@ async def _serve_edges(
     )
 
 
+async def _start_uds(nursery: trio.Nursery, hub: Hub, config: Config) -> None:
+    """The CSI driver's socket; the hub serves edges without it when it cannot be made
+    (e.g. /var/lib/kubeedge is not writable for a non-root hub)."""
+    address = config.cloud_hub.unixsocket.address
+    try:
+        await nursery.start(serve_uds, hub.request_volume, address)
+    except UdsSocketError as exc:
+        log.warning("unix socket server not started: %s", exc)
+
+
+async def _serve_quic_edges(
+    hub: Hub,
+    credentials: HubCredentials,
+    config: Config,
+    *,
+    task_status: trio.TaskStatus[int],
+) -> None:
+    try:
+        from trio_cloudhub.edge.quic import QuicServerSettings, serve_quic
+    except ImportError as exc:
+        raise ConfigError(
+            f"quic.enable needs the quic extra (pip install 'trio-cloudhub[quic]'): {exc}"
+        ) from None
+    quic = config.cloud_hub.quic
+    settings = QuicServerSettings(
+        certificate_pem=credentials.server_cert_pem,
+        private_key_pem=credentials.server_key_pem,
+        ca_der=credentials.ca_der,
+        max_incoming_streams=quic.max_incoming_streams,
+        max_payload=min(config.trio_cloud_hub.max_message_size, QUIC_MAX_PAYLOAD),
+    )
+    await serve_quic(
+        hub.handle_connection,
+        settings,
+        host=quic.address,
+        port=quic.port,
+        authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
+        task_status=task_status,
+    )
+
+
 def _warn_unimplemented(config: Config) -> None:
     hub = config.cloud_hub
-    if hub.quic.enable:
-        log.warning("quic.enable is set but the QUIC transport is not implemented yet")
-    if hub.unixsocket.enable:
-        log.info("unixsocket.enable is set; the Unix-socket server is not implemented yet")
     if not hub.websocket.enable:
         log.warning("websocket.enable is false: no edge can connect")

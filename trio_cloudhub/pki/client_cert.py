@@ -64,10 +64,9 @@ def _check_cert_subject(cert: x509.Certificate, node_name: str) -> None:
         raise ClientCertError(f"client certificate {exc}") from None
 
 
-def verify_rotation_cert(
-    cert_der: bytes, ca_der: bytes, node_name: str, now: datetime
-) -> x509.Certificate:
-    """The parsed certificate when it may ask for a new one; else ClientCertError."""
+def verify_client_cert(cert_der: bytes, ca_der: bytes, now: datetime) -> x509.Certificate:
+    """What Go's `Verify` checks of a client certificate (for transports whose TLS stack does
+    not, e.g. aioquic's server): issued by our CA, inside its validity, for client auth."""
     try:
         cert = load_der_certificate(cert_der)
         ca_cert = load_der_certificate(ca_der)
@@ -76,11 +75,24 @@ def verify_rotation_cert(
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             raise ClientCertError("client certificate is expired or not yet valid")
         _check_usage(cert)
-        _check_cert_subject(cert, node_name)
     except ClientCertError:
         raise
     except (PkiError, ValueError) as exc:
         # cryptography decodes extensions and names lazily and raises ValueError on junk.
+        raise ClientCertError(f"client certificate cannot be used: {exc}") from None
+    return cert
+
+
+def verify_rotation_cert(
+    cert_der: bytes, ca_der: bytes, node_name: str, now: datetime
+) -> x509.Certificate:
+    """The parsed certificate when it may ask for a new one; else ClientCertError."""
+    cert = verify_client_cert(cert_der, ca_der, now)
+    try:
+        _check_cert_subject(cert, node_name)
+    except ClientCertError:
+        raise
+    except ValueError as exc:
         raise ClientCertError(f"client certificate cannot be used: {exc}") from None
     return cert
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import h11
@@ -55,7 +55,7 @@ from trio_cloudhub.core.message import (
     response_to,
 )
 from trio_cloudhub.edge.base import EdgeDisconnected
-from trio_cloudhub.edge.websocket import WebSocketConnection, connect_websocket
+from trio_cloudhub.edge.websocket import connect_websocket
 
 logger = logging.getLogger(__name__)
 
@@ -272,12 +272,22 @@ def needs_ack(message: Message, pending_queries: set[str]) -> bool:
     return route.operation == OP_RESPONSE and message.header.parent_msg_id in pending_queries
 
 
+class EdgeTransport(Protocol):
+    """What a simulated edge needs of its connection: a WebSocket or a QUIC client."""
+
+    async def receive(self) -> str | bytes: ...
+
+    async def send(self, text: str) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
 class SimEdge:
     """One connected edge. Create it with `open_sim_edge` or `start_sim_edge`."""
 
     def __init__(
         self,
-        connection: WebSocketConnection,
+        connection: EdgeTransport,
         node_id: str,
         project_id: str,
         *,
