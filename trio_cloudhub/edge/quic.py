@@ -590,8 +590,10 @@ async def open_quic_client(
     node_id: str,
     project_id: str,
     connect_timeout: float = 10.0,
+    send_header: bool = True,
 ) -> AsyncIterator[QuicClientConnection]:
-    """A connected, identified edge connection; closed when the block ends."""
+    """A connected, identified edge connection (`send_header=False`: connected only, for
+    tests of a client that never identifies itself); closed when the block ends."""
     from aioquic.asyncio.client import connect
 
     configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], cadata=ca_pem)
@@ -605,8 +607,9 @@ async def open_quic_client(
             protocol = await trio_asyncio.aio_as_trio(manager.__aenter__)()
         try:
             client = protocol.client
-            with trio.fail_after(connect_timeout):
-                await client.handshake(node_id, project_id)
+            if send_header:
+                with trio.fail_after(connect_timeout):
+                    await client.handshake(node_id, project_id)
             yield client
         finally:
             with trio.CancelScope(shield=True):
