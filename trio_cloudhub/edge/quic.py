@@ -8,7 +8,7 @@ asyncio server runs inside trio through trio-asyncio, and its callbacks hand wor
 Rules of a connection:
 - TLS 1.3 with the hub's server certificate; a client certificate is required and must be
   issued by the hub's CA for client auth (aioquic's server does not check it: we do, at
-  handshake completion); ALPN `kubeedge` when the client offers one, else none;
+  handshake completion); ALPN `kubeedge`;
 - the first stream the client opens is the control stream: its first message is the header
   (`node_id`, `project_id`), answered `ack` (`nack` when unusable, then the connection closes);
   later control messages are answered `ack`; the handler runs only once the header is in,
