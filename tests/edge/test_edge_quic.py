@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from trio_cloudhub.core.codec import decode, encode
 from trio_cloudhub.core.message import new_message
-from trio_cloudhub.core.quic_codec import pack
+from trio_cloudhub.core.quic_codec import USE_MESSAGE, pack
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.edge.quic import (
     QuicHeaderRefused,
@@ -175,3 +175,26 @@ async def test_a_certificate_of_another_ca_is_refused(pki: Pki) -> None:
                     pass
             assert any("not signed by the hub CA" in str(leaf) for leaf in leaves(refused.value))
             assert echo.identities == []
+
+
+async def test_max_incoming_streams_is_the_clients_stream_limit(pki: Pki) -> None:
+    with trio.fail_after(20):
+        async with (
+            echo_server(pki, max_incoming_streams=3) as (port, _),
+            client(pki, port) as connection,
+        ):
+            for number in range(4):  # control stream + 2 may be open; 2 of these wait
+                message = new_message(
+                    source="edged",
+                    group="meta",
+                    operation="update",
+                    resource=f"default/podstatus/p{number}",
+                    content=None,
+                    now_ms=0,
+                )
+                await connection.send_raw(None, USE_MESSAGE + pack(message))
+            echoed = []
+            with trio.move_on_after(1.0):
+                while True:
+                    echoed.append(decode(await connection.receive()).route.resource)
+            assert sorted(echoed) == ["default/podstatus/p0", "default/podstatus/p1"]
