@@ -16,6 +16,7 @@ from pathlib import Path
 import trio
 
 from trio_cloudhub.config import (
+    API_VERSION,
     MAX_CONFIG_BYTES,
     Config,
     ConfigError,
@@ -26,6 +27,7 @@ from trio_cloudhub.config import (
 from trio_cloudhub.http.certs_store import CredentialsError, current_token
 from trio_cloudhub.http.kube_credentials import stored_kube_token
 from trio_cloudhub.hub.server import ServeInfo, serve
+from trio_cloudhub.logs import level_for, setup_logging
 from trio_cloudhub.store.base import StoreError
 from trio_cloudhub.store.local import read_reports
 
@@ -40,7 +42,13 @@ def default_data_dir() -> Path:
     return Path(state) / "trio-cloudhub"
 
 
+DEFAULT_CONFIG_PATH = "/etc/kubeedge/config/cloudcore.yaml"  # CloudCore's
+
+
 def load_config(path: str | None) -> Config:
+    """The file given, else CloudCore's default path when it exists, else the defaults."""
+    if path is None and os.path.isfile(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
     if path is None:
         return parse_config("", "<defaults>")
     try:
@@ -70,12 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="trio-cloudhub",
         description="KubeEdge CloudHub on trio: the cloud side of an edge fleet.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    # CloudCore's flags: print a configuration `serve --config` accepts unchanged.
+    parser.add_argument(
+        "--minconfig", action="store_true", help="print a minimal CloudCore config and exit"
+    )
+    parser.add_argument(
+        "--defaultconfig", action="store_true", help="print the full default config and exit"
+    )
+    commands = parser.add_subparsers(dest="command")
 
     serve = commands.add_parser("serve", help="run the hub")
     _common_flags(serve)
     serve.add_argument("--manifests", metavar="DIR", help="folder of manifests (embedded store)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    serve.add_argument(
+        "-v",
+        "--verbosity",
+        type=_verbosity,
+        metavar="N",
+        help="klog-style level: 0-3 INFO (quiet in steady state), 4+ every message (DEBUG)",
+    )
 
     token = commands.add_parser("token", help="print a valid join token for edges")
     _common_flags(token)
@@ -94,8 +116,22 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", metavar="DIR", help="certificates, database, manifests")
 
 
+def _verbosity(text: str) -> int:
+    """`-v 4`, `-v4`, `-v=4` (klog's spelling) or `--verbosity=4`."""
+    value = text.removeprefix("=")
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"verbosity must be a number, not {text!r}")
+    return int(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.minconfig or args.defaultconfig:
+        print(MIN_CONFIG if args.minconfig else dump_config(Config()), end="")
+        return 0
+    if args.command is None:
+        parser.error("a command is required (serve, token, get, config)")
     try:
         config = effective_config(args)
     except ConfigError as exc:
@@ -109,16 +145,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+MIN_CONFIG = f"""\
+# trio-cloudhub (KubeEdge CloudHub) minimal configuration; see --defaultconfig for every key.
+apiVersion: {API_VERSION}
+kind: CloudCore
+kubeAPIConfig:
+  # Empty: the embedded store (manifests + SQLite). Set kubeConfig (or master) for a cluster.
+  kubeConfig: ""
+  master: ""
+modules:
+  cloudHub:
+    advertiseAddress: []   # the addresses edges reach the hub at; empty: this host's
+    https:
+      port: 10002
+    websocket:
+      port: 10000
+    quic:
+      enable: false
+      port: 10001
+    unixsocket:
+      enable: false
+"""
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    _setup_logging(config.trio_cloud_hub.log_level)
+    setup_logging(level_for(args.verbosity, config.trio_cloud_hub.log_level))
+    if config.ignored:
+        log.warning(
+            "accepted but not used (CloudCore modules this hub does not run): %s",
+            ", ".join(config.ignored),
+        )
     try:
         trio.run(_serve_until_signal, config)
     except BaseExceptionGroup as group:

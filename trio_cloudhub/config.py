@@ -17,6 +17,7 @@ import yaml
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 API_VERSION = "cloudcore.config.kubeedge.io/v1alpha1"
+API_VERSIONS = (API_VERSION, "cloudcore.config.kubeedge.io/v1alpha2")
 KIND = "CloudCore"
 MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_PROJECT_ID = "e632aba927ea4ac2b575ec1603d56f10"
@@ -149,12 +150,27 @@ class TrioCloudHub:
 
 
 @attrs.frozen
+class MonitorServer:
+    # Prometheus /metrics (KubeEdge's CloudCore monitor address); port 0: any free port.
+    bind_address: str = "127.0.0.1:9091"
+    enable_profiling: bool = False
+
+
+@attrs.frozen
+class CommonConfig:
+    monitor_server: MonitorServer = attrs.field(factory=MonitorServer)
+
+
+@attrs.frozen
 class Config:
     api_version: str = API_VERSION
     kind: str = KIND
+    common_config: CommonConfig = attrs.field(factory=CommonConfig)
     kube_api_config: KubeAPIConfig = attrs.field(factory=KubeAPIConfig)
     modules: Modules = attrs.field(factory=Modules)
     trio_cloud_hub: TrioCloudHub = attrs.field(factory=TrioCloudHub)
+    # Key paths of CloudCore settings that were accepted but are not used (warned once).
+    ignored: tuple[str, ...] = attrs.field(default=(), eq=False)
 
     @property
     def cloud_hub(self) -> CloudHub:
@@ -192,6 +208,8 @@ _CONFIG_CLASSES = (
     KubeAPIConfig,
     TrioCloudHub,
     Modules,
+    MonitorServer,
+    CommonConfig,
     Config,
 )
 
@@ -219,6 +237,8 @@ def _make_converter() -> cattrs.Converter:
             field.name: override(rename=_RENAMES.get(field.name, _camel(field.name)))
             for field in attrs.fields(cls)
         }
+        if cls is Config:
+            renames["ignored"] = override(omit=True)  # filled by parse_config, not the file
         converter.register_structure_hook(
             cls,
             make_dict_structure_fn(cls, converter, _cattrs_forbid_extra_keys=True, **renames),
@@ -235,13 +255,25 @@ def _strict_string_list(value: Any, _: type) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _drop_other_modules(raw: dict[str, Any]) -> dict[str, Any]:
-    """Sections of CloudCore modules we do not run are accepted and ignored."""
+# CloudCore's own keys of sections we read, which we accept and do not use.
+_IGNORED_COMMON = frozenset({"tunnelPort", "dnsPolicy", "clusterDNS", "clusterDomain"})
+
+
+def _drop_other_modules(raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """CloudCore sections we do not run are accepted and ignored; returns them by key path."""
+    ignored = [f"$.{key}" for key in ("leaderElection",) if key in raw]
+    raw = {key: value for key, value in raw.items() if key != "leaderElection"}
+    common = raw.get("commonConfig")
+    if isinstance(common, dict):
+        ignored += [f"$.commonConfig.{key}" for key in common if key in _IGNORED_COMMON]
+        kept_common = {k: v for k, v in common.items() if k not in _IGNORED_COMMON}
+        raw = {**raw, "commonConfig": kept_common}
     modules = raw.get("modules")
     if not isinstance(modules, dict):
-        return raw
+        return raw, ignored
+    ignored += [f"$.modules.{key}" for key in modules if key in OTHER_CLOUDCORE_MODULES]
     kept = {key: value for key, value in modules.items() if key not in OTHER_CLOUDCORE_MODULES}
-    return {**raw, "modules": kept}
+    return {**raw, "modules": kept}, ignored
 
 
 _converter = _make_converter()
@@ -269,24 +301,24 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the document must be a mapping")
-    raw = {
-        key: value for key, value in raw.items() if key not in ("commonConfig", "leaderElection")
-    }
+    raw, ignored = _drop_other_modules(raw)
     try:
-        config = _converter.structure(_drop_other_modules(raw), Config)
+        config = _converter.structure(raw, Config)
     except cattrs.BaseValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc)}") from None
     problems = validate(config)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
-    return config
+    return attrs.evolve(config, ignored=tuple(ignored))
 
 
 def validate(config: Config) -> list[str]:
     """The checks of KubeEdge's ValidateModuleCloudHub, plus ours; empty when valid."""
     problems: list[str] = []
-    if config.api_version != API_VERSION:
-        problems.append(f"apiVersion must be {API_VERSION!r} @ $.apiVersion")
+    if config.api_version not in API_VERSIONS:
+        problems.append(f"apiVersion must be one of {', '.join(API_VERSIONS)} @ $.apiVersion")
+    if not _is_host_port(config.common_config.monitor_server.bind_address):
+        problems.append("must be host:port @ $.commonConfig.monitorServer.bindAddress")
     if config.kind != KIND:
         problems.append(f"kind must be {KIND!r} @ $.kind")
     hub = config.cloud_hub
@@ -326,6 +358,11 @@ def validate(config: Config) -> list[str]:
     if not 0 <= extra.drain_timeout_seconds <= 3600:
         problems.append("must be in [0, 3600] @ $.trioCloudHub.drainTimeoutSeconds")
     return problems
+
+
+def _is_host_port(text: str) -> bool:
+    host, colon, port = text.rpartition(":")
+    return bool(colon and host) and port.isdigit() and int(port) <= 65535
 
 
 def _is_ip(text: str) -> bool:
