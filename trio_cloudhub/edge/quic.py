@@ -79,6 +79,9 @@ ERROR_IDENTITY = 0x101
 ERROR_USE_TYPE = 0x102
 
 Authenticate = Callable[[str, bytes | None], str | None]
+# `on_handshake_failure(reason)`: a connection that never reached the handler, and why
+# (tls, bad-request, refused:identity, timeout, lost), for the metrics.
+HandshakeFailed = Callable[[str], None]
 
 
 @attrs.frozen
@@ -100,6 +103,11 @@ class _Shared:
     handler: ConnectionHandler
     nursery: trio.Nursery
     authenticate: Authenticate | None
+    on_handshake_failure: HandshakeFailed | None = None
+
+    def handshake_failed(self, reason: str) -> None:
+        if self.on_handshake_failure is not None:
+            self.on_handshake_failure(reason)
 
 
 async def serve_quic(
@@ -109,12 +117,17 @@ async def serve_quic(
     host: str,
     port: int,
     authenticate: Authenticate | None = None,
+    on_handshake_failure: HandshakeFailed | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve QUIC on UDP `host:port` forever; `task_status.started(port)` once bound."""
+    """Serve QUIC on UDP `host:port` forever; `task_status.started(port)` once bound.
+
+    `on_handshake_failure(reason)` hears of connections refused before reaching `handler`
+    (a TLS failure inside aioquic, before `HandshakeCompleted`, is not seen here).
+    """
     configuration = _server_configuration(settings)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
-        shared = _Shared(settings, handler, nursery, authenticate)
+        shared = _Shared(settings, handler, nursery, authenticate, on_handshake_failure)
         server = await trio_asyncio.aio_as_trio(serve)(
             host or "::",
             port,
@@ -236,6 +249,7 @@ class _HubProtocol(QuicConnectionProtocol):
         self._streams = _Streams(settings.max_payload)
         self._peer_der: bytes | None = None
         self._remote = ""
+        self._handshake_reported = False
 
     # --- events -------------------------------------------------------------------------
 
@@ -253,6 +267,7 @@ class _HubProtocol(QuicConnectionProtocol):
         tls = self._quic.tls
         cert = getattr(tls, "_peer_certificate", None)
         if cert is None:
+            self._handshake_failed("tls")
             self._refuse(ERROR_IDENTITY, "client certificate required")
             return
         from cryptography.hazmat.primitives.serialization import Encoding
@@ -261,9 +276,14 @@ class _HubProtocol(QuicConnectionProtocol):
         try:
             verify_client_cert(self._peer_der, self._shared.settings.ca_der, datetime.now(UTC))
         except ClientCertError as exc:
+            self._handshake_failed("tls")
             self._refuse(ERROR_IDENTITY, str(exc))
             return
         self._shared.nursery.start_soon(self._run_session)
+
+    def _handshake_failed(self, reason: str) -> None:
+        self._handshake_reported = True
+        self._shared.handshake_failed(reason)
 
     def _on_data(self, stream_id: int, data: bytes, end: bool) -> None:
         if self.connection.closed:
@@ -290,12 +310,14 @@ class _HubProtocol(QuicConnectionProtocol):
             node_id, project_id = parse_header(message)
         except FrameError as exc:
             self._write(self._streams.control, header_reply(message, ok=False, now_ms=_now_ms()))
+            self._handshake_failed("bad-request")
             self._refuse(ERROR_PROTOCOL, f"bad header: {exc}")
             return
         authenticate = self._shared.authenticate
         problem = authenticate(node_id, self._peer_der) if authenticate else None
         if problem is not None:
             self._write(self._streams.control, header_reply(message, ok=False, now_ms=_now_ms()))
+            self._handshake_failed("refused:identity")
             self._refuse(ERROR_IDENTITY, problem)
             return
         self._write(self._streams.control, header_reply(message, ok=True, now_ms=_now_ms()))
@@ -309,7 +331,10 @@ class _HubProtocol(QuicConnectionProtocol):
             await connection.wait_identified()
         if not connection.node_id:
             if not connection.closed:
+                self._handshake_failed("timeout")
                 self._refuse(ERROR_PROTOCOL, "no header message on the control stream")
+            elif not self._handshake_reported:
+                self._handshake_failed("lost")
             return
         try:
             await self._shared.handler(connection)
@@ -350,6 +375,8 @@ class _HubProtocol(QuicConnectionProtocol):
         logger.warning("%s: stream %d reset: %s", self.remote, stream_id, why)
         self._streams.drop(stream_id)
         if stream_id == self._streams.control:
+            if not self.connection.node_id:
+                self._handshake_failed("bad-request")
             self._refuse(code, f"control stream: {why}")
             return
         try:

@@ -69,6 +69,9 @@ _TEXT_HEAD_LONG = struct.Struct("!BBQ")
 _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
 # `authenticate(node_id, peer certificate DER or None)`: None admits, else the refusal reason.
 Authenticate = Callable[[str, bytes | None], str | None]
+# `on_handshake_failure(reason)`: a connection that never reached the handler, and why
+# (tls, bad-request, refused:identity, timeout, lost, error), for the metrics.
+HandshakeFailed = Callable[[str], None]
 # What trio raises when the peer vanished or the TLS layer failed under us.
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -80,6 +83,10 @@ class HandshakeRejected(Exception):
         super().__init__(f"{status} {reason}")
         self.status = status
         self.reason = reason
+
+
+class _IdentityRefused(HandshakeRejected):
+    """`authenticate` refused the node's certificate (403)."""
 
 
 class WebSocketConnection:
@@ -545,6 +552,10 @@ def _frame_length(data: bytes | bytearray) -> int | None:
     return head + length
 
 
+def _ignore_failure(reason: str) -> None:
+    pass
+
+
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__
     return f"{type(cause).__name__}: {cause}" if cause else type(exc).__name__
@@ -562,6 +573,7 @@ async def serve_websocket(
     max_message_size: int,
     handshake_timeout: float = 30.0,
     authenticate: Authenticate | None = None,
+    on_handshake_failure: HandshakeFailed | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Accept WSS connections forever; run `handler` once per upgraded connection.
@@ -571,6 +583,7 @@ async def serve_websocket(
     certificate (`getpeercert(binary_form=True)`: DER bytes, or None). A non-None answer is
     the reason to refuse: the edge gets HTTP 403, a WARNING is logged and `handler` never runs.
     It must be quick and must not raise (e.g. `pki.identity.connection_identity_problem`).
+    `on_handshake_failure(reason)` hears of every connection that never reached `handler`.
     `task_status.started(port)` reports the bound port (useful with port 0).
     """
     listeners = await trio.open_tcp_listeners(port, host=host or None)
@@ -582,6 +595,7 @@ async def serve_websocket(
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
         authenticate=authenticate,
+        on_failure=on_handshake_failure or _ignore_failure,
     )
     logger.info("WebSocket server listening on %s:%d", host or "*", bound_port)
     async with trio.open_nursery() as nursery:
@@ -598,17 +612,22 @@ async def _serve_connection(
     max_message_size: int,
     handshake_timeout: float,
     authenticate: Authenticate | None = None,
+    on_failure: HandshakeFailed = _ignore_failure,
 ) -> None:
     remote = _peer_of(tcp)
     connection: WebSocketConnection | None = None
     with trio.move_on_after(handshake_timeout) as scope:
         try:
-            connection = await _accept(tcp, ssl_context, remote, max_message_size, authenticate)
+            connection = await _accept(
+                tcp, ssl_context, remote, max_message_size, authenticate, on_failure
+            )
         except Exception:
             # A bug on one connection must not end the listener (and the hub with it).
             logger.exception("handshake with %s failed", remote)
+            on_failure("error")
     if scope.cancelled_caught:
         logger.debug("handshake with %s timed out after %s s", remote, handshake_timeout)
+        on_failure("timeout")
     if connection is None:
         await trio.aclose_forcefully(tcp)
         return
@@ -630,6 +649,7 @@ async def _accept(
     remote: str,
     max_message_size: int,
     authenticate: Authenticate | None = None,
+    on_failure: HandshakeFailed = _ignore_failure,
 ) -> WebSocketConnection | None:
     """TLS handshake, then the HTTP upgrade; None (after answering) when refused."""
     stream = trio.SSLStream(tcp, ssl_context, server_side=True)
@@ -638,6 +658,7 @@ async def _accept(
     except _BROKEN as exc:
         # No client certificate, one from another CA, a port scan: not worth more than debug.
         logger.debug("TLS handshake with %s failed: %s", remote, _describe(exc))
+        on_failure("tls")
         return None
     try:
         request, trailing = await _read_request(stream)
@@ -645,14 +666,17 @@ async def _accept(
         if authenticate is not None:
             _authenticate(authenticate, stream, node_id, remote)
     except HandshakeRejected as exc:
+        on_failure("refused:identity" if isinstance(exc, _IdentityRefused) else "bad-request")
         await _send_rejection(stream, exc.status)
         return None
     except _BROKEN as exc:
         logger.debug("connection from %s lost during the upgrade: %s", remote, _describe(exc))
+        on_failure("lost")
         return None
     try:
         await stream.send_all(_SWITCHING % accept_key)
     except _BROKEN:
+        on_failure("lost")
         return None
     return WebSocketConnection(
         stream,
@@ -725,7 +749,7 @@ def _authenticate(
     reason = authenticate(node_id, peer_cert)
     if reason is not None:
         logger.warning("refused node %s from %s: %s", node_id, remote, reason)
-        raise HandshakeRejected(403, reason)
+        raise _IdentityRefused(403, reason)
 
 
 def _header_map(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:

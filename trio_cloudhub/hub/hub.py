@@ -32,6 +32,7 @@ from trio_cloudhub.edge.base import EdgeConnection
 from trio_cloudhub.hub.node import NodeEntry
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
+from trio_cloudhub.metrics import Metrics
 from trio_cloudhub.pki.identity import connection_identity_problem
 from trio_cloudhub.store.base import CloudStore, StoreError
 from trio_cloudhub.uds import UdsRequestError
@@ -93,9 +94,13 @@ class HubSettings:
 
 
 class Hub:
-    def __init__(self, settings: HubSettings, store: CloudStore) -> None:
+    def __init__(
+        self, settings: HubSettings, store: CloudStore, *, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.watch_hub(self)
         self.nodes: dict[str, NodeEntry] = {}
         self.sessions: dict[str, NodeSession] = {}
         self.draining = False
@@ -249,27 +254,35 @@ class Hub:
 
     # --- sessions ---------------------------------------------------------------------
 
-    async def handle_connection(self, conn: EdgeConnection) -> None:
-        """Run one edge connection as the node's session; refuse it if it may not have one."""
+    async def handle_connection(self, conn: EdgeConnection, transport: str = "memory") -> None:
+        """Run one edge connection as the node's session; refuse it if it may not have one.
+
+        `transport` names the edge skin (websocket, quic) in the metrics.
+        """
         self._open_connections += 1
+        connections = self.metrics.connections(transport)
+        connections.inc()
         try:
-            await self._handle_connection(conn)
+            await self._handle_connection(conn, transport)
         finally:
+            connections.dec()
             self._open_connections -= 1
             if not self._open_connections:
                 self._no_connections.set()
                 self._no_connections = trio.Event()
 
-    async def _handle_connection(self, conn: EdgeConnection) -> None:
+    async def _handle_connection(self, conn: EdgeConnection, transport: str) -> None:
         node_id = conn.node_id
-        refusal = self._refusal(node_id)
+        code, refusal = self._refusal(node_id)
         if refusal:
             self.stats[f"refused:{refusal.split(':')[0]}"] += 1
+            self.metrics.count_handshake(transport, f"refused:{code}")
             # Refusals while draining are expected (edges reconnect at once): not a warning.
             level = logging.INFO if self.draining else logging.WARNING
             log.log(level, "refused node %s from %s: %s", node_id, conn.remote, refusal)
             await conn.aclose(refusal)
             return
+        self.metrics.count_handshake(transport, "accepted")
         session = NodeSession(self, self.entry(node_id), conn)
         previous = self.sessions.get(node_id)
         if previous is not None:
@@ -290,17 +303,18 @@ class Hub:
             log.info("node %s disconnected: %s", node_id, session.end_reason or "closed")
         await conn.aclose(session.end_reason)
 
-    def _refusal(self, node_id: str) -> str:
-        """Why a new connection of `node_id` gets no session ("" = it gets one).
+    def _refusal(self, node_id: str) -> tuple[str, str]:
+        """Why a new connection of `node_id` gets no session, as (metric label, text for the
+        edge and the log); ("", "") = it gets one.
 
         A reconnect replaces the node's session, so it never counts against the limit twice.
         """
         if self.draining:
-            return "hub shutting down"
+            return "shutting-down", "hub shutting down"
         limit = self.settings.node_limit
         if node_id not in self.sessions and len(self.sessions) >= limit:
-            return f"node limit: {limit} nodes connected"
-        return ""
+            return "node-limit", f"node limit: {limit} nodes connected"
+        return "", ""
 
     async def drain(self) -> None:
         """Refuse new sessions, let in-flight ACK waits finish (bounded), then end sessions."""

@@ -2,7 +2,8 @@
 
 Order matters: the cloud side's certificates first (nothing can listen without them: files
 and SQLite for the embedded store, the kubeedge secrets for Kubernetes), then HTTPS (/readyz
-answers "not ready" until the end), then the store, which hands each message straight to the
+answers "not ready" until the end), the metrics server (optional: the hub serves without it
+when its address is taken), then the store, which hands each message straight to the
 hub's router (its `started()` means the caches are synced), the reconciliation loop, the
 WebSocket listener, and only then `task_status.started(ServeInfo)`.
 """
@@ -35,6 +36,7 @@ from trio_cloudhub.http.kube_credentials import (
 )
 from trio_cloudhub.http.server import serve_https
 from trio_cloudhub.hub.hub import Hub, HubSettings
+from trio_cloudhub.metrics import Metrics, parse_bind_address, serve_metrics
 from trio_cloudhub.pki.token import TokenKeeper
 from trio_cloudhub.store.base import CloudStore
 from trio_cloudhub.store.kube.client import KubeConfigError, RateLimiter, api_client
@@ -56,6 +58,7 @@ class ServeInfo:
     hub: Hub
     credentials: HubCredentials
     tokens: TokenKeeper
+    metrics_port: int = 0  # 0: the metrics server is not running
 
 
 def host_addresses() -> list[str]:
@@ -98,6 +101,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
                     serve_https, cloud.credentials, cloud.tokens, config, ready_check=lambda: ready
                 )
             )
+            metrics_port = await _start_metrics(root, hub.metrics, config)
             await root.start(cloud.store.run, hub.route_downstream)
             root.start_soon(hub.reconcile_forever)
             if config.cloud_hub.unixsocket.enable:
@@ -118,6 +122,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
                     hub=hub,
                     credentials=cloud.credentials,
                     tokens=cloud.tokens,
+                    metrics_port=metrics_port,
                 )
             )
 
@@ -175,14 +180,32 @@ async def _serve_edges(
 ) -> None:
     websocket = config.cloud_hub.websocket
     await serve_websocket(
-        hub.handle_connection,
+        partial(hub.handle_connection, transport="websocket"),
         ssl_context=credentials.websocket_ssl_context(),
         host=websocket.address,
         port=websocket.port,
         max_message_size=config.trio_cloud_hub.max_message_size,
         authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
+        on_handshake_failure=partial(hub.metrics.count_handshake, "websocket"),
         task_status=task_status,
     )
+
+
+async def _start_metrics(nursery: trio.Nursery, metrics: Metrics, config: Config) -> int:
+    """Prometheus `/metrics` on `commonConfig.monitorServer.bindAddress`; its port, or 0 when
+    it cannot listen there (e.g. a CloudCore still holds 9091): metrics are not worth
+    refusing edges for, so that is a warning and the hub serves on."""
+    monitor = config.common_config.monitor_server
+    address = monitor.bind_address
+    if monitor.enable_profiling:
+        log.warning("monitorServer.enableProfiling: Go's /debug/pprof has no equivalent here")
+    try:
+        host, port = parse_bind_address(address)
+        bound: int = await nursery.start(serve_metrics, metrics, host, port)
+    except (OSError, ValueError) as exc:
+        log.warning("metrics server not started on %s: %s", address, exc)
+        return 0
+    return bound
 
 
 async def _start_uds(nursery: trio.Nursery, hub: Hub, config: Config) -> None:
@@ -217,11 +240,12 @@ async def _serve_quic_edges(
         max_payload=min(config.trio_cloud_hub.max_message_size, QUIC_MAX_PAYLOAD),
     )
     await serve_quic(
-        hub.handle_connection,
+        partial(hub.handle_connection, transport="quic"),
         settings,
         host=quic.address,
         port=quic.port,
         authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
+        on_handshake_failure=partial(hub.metrics.count_handshake, "quic"),
         task_status=task_status,
     )
 

@@ -42,6 +42,12 @@ class NodeSession(NodeSessionHandle):
         self.node_id = entry.node_id
         self._delivery: Delivery | None = None
         self._acked = trio.Event()
+        # Metric hooks, bound once: the hot path pays a call and an increment.
+        metrics = hub.metrics
+        self._count_sent = metrics.count_sent
+        self._count_received = metrics.count_received
+        self._count_retransmission = metrics.count_retransmission
+        self._observe_ack_latency = metrics.observe_ack_latency
 
     async def run(self) -> None:
         settings = self.hub.settings
@@ -73,13 +79,16 @@ class NodeSession(NodeSessionHandle):
             await self._handle(message)
 
     async def _handle(self, message: Message) -> None:
+        self._count_received(message.operation)
         kind = classify_upstream(message)
         if kind is Upstream.KEEPALIVE:
             self.cancel_scope.deadline = trio.current_time() + self.hub.settings.keepalive_interval
         elif kind is Upstream.ACK:
             self._on_ack(message)
         elif kind is Upstream.CONTROL:
-            await self._send(codec.encode(control_reply(message, self.hub.now_ms())))
+            reply = control_reply(message, self.hub.now_ms())
+            await self._send(codec.encode(reply))
+            self._count_sent(reply.operation)
         elif kind is Upstream.EMPTY:
             pass
         elif self.hub.admit(self.node_id, message):
@@ -88,6 +97,7 @@ class NodeSession(NodeSessionHandle):
     def _on_ack(self, message: Message) -> None:
         delivery = self._delivery
         if delivery is not None and delivery.on_ack(message.header.parent_msg_id):
+            self._observe_ack_latency(trio.current_time() - delivery.started_at)
             self._acked.set()
 
     # --- downstream -------------------------------------------------------------------
@@ -127,6 +137,10 @@ class NodeSession(NodeSessionHandle):
                 action = delivery.poll(trio.current_time())
                 if isinstance(action, Send):
                     await self._send(frame)
+                    if action.attempt == 1:
+                        self._count_sent(message.operation)
+                    else:
+                        self._count_retransmission()
                 elif isinstance(action, WaitUntil):
                     with trio.move_on_at(action.deadline):
                         await self._acked.wait()
@@ -142,6 +156,7 @@ class NodeSession(NodeSessionHandle):
             message = await self.entry.next_no_ack_message()
             trimmed = message.with_resource(trim_for_edge(message.resource))
             await self._send(codec.encode(trimmed))
+            self._count_sent(message.operation)
 
     async def _send(self, frame: str) -> None:
         timeout = self.hub.settings.write_timeout

@@ -52,6 +52,7 @@ from trio_cloudhub.core.message import (
     Message,
     object_uid,
 )
+from trio_cloudhub.metrics import ChangeLag
 from trio_cloudhub.store.answers import (
     RequestError,
     answer_application,
@@ -170,6 +171,7 @@ class LocalStore:
         self._retry_soon = False  # the last sync left something for the next poll
         self._sending = False  # a sync is handing its messages to the hub
         self._sends_done = 0  # syncs that finished handing over (in change_stamp)
+        self.change_lag = ChangeLag()  # a changed file found by a scan -> in the hub's queues
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -266,6 +268,8 @@ class LocalStore:
             return
         if scan is None:
             scan = _Scan(self._files, self._stamps, set())
+        if not initial:
+            self.change_lag.seen()
         files, stamps = scan.files, scan.stamps
         desired = self._merge(files)
         if initial:  # everything: also drops objects whose stored manifest did not load
@@ -299,7 +303,9 @@ class LocalStore:
         deliveries = self._plan(change, initial=initial)
         self._objects, self._rv = change.objects, change.rv
         self._files, self._stamps = files, stamps
+        self.change_lag.sending()
         await self._send(deliver, deliveries)
+        self.change_lag.handed_over()
 
     # --- the folder -------------------------------------------------------------------------
 

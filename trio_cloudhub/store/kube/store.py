@@ -35,6 +35,7 @@ from typing import Any
 import trio
 
 from trio_cloudhub.core.message import OP_DELETE, Message, object_uid
+from trio_cloudhub.metrics import ChangeLag
 from trio_cloudhub.store.answers import RequestError, answer_application, is_application
 from trio_cloudhub.store.base import Deliver, Missed
 from trio_cloudhub.store.kube.acks import (
@@ -114,6 +115,7 @@ class KubeStore:
         self.batches = 0  # batches delivered (in change stamps)
         self.synced = trio.Event()
         self._deliver: Deliver | None = None
+        self.change_lag = ChangeLag()  # an informer event -> its messages in the hub's queues
         self.writeback = KubeWriteback(
             RawApi(api_client), run=self.run_in_thread, cached=self.cached, limiter=rate_limiter
         )
@@ -160,6 +162,7 @@ class KubeStore:
             self._placer = Placer.of(self.objects)
             self._before.clear()
             self._finals.clear()
+            self.change_lag.clear()  # the initial lists are no change (nothing is sent)
             self._started = True
             self.synced.set()
             log.info(
@@ -247,6 +250,7 @@ class KubeStore:
                 self._finals[old.uid] = final if final and final.uid == old.uid else old
         else:
             self.objects[key] = new
+        self.change_lag.seen()
         self._dirty.set()
 
     # --- delivery -----------------------------------------------------------------------
@@ -262,6 +266,7 @@ class KubeStore:
         """The deliveries of the pending changes; advances the placement index with them."""
         before, self._before = self._before, {}
         finals, self._finals = self._finals, {}
+        self.change_lag.sending()
         old = _Before(self.objects, before)
         step = self._placer.advance(old, self.objects, before.keys())
         by_uid: dict[str, StoredObject] = {}
@@ -288,6 +293,7 @@ class KubeStore:
                 deliver(to_message(delivery, now_ms()))
                 if count % SEND_BATCH == 0:
                     await trio.lowlevel.checkpoint()
+            self.change_lag.handed_over()
         finally:
             self._sending = False
             self.batches += 1
