@@ -7,6 +7,10 @@ the initial sync is acknowledged, while staying connected, and (3) the arrival w
 given message on every edge. This worker uses the same library (`open_fleet`, `SimEdge`), so
 edges behave exactly as the CLI's do (EdgeCore headers, keepalive, auto-ACK).
 
+`--transport quic`: the same edges over QUIC (`open_quic_fleet` of
+`trio_cloudhub.testing.quic_sim`: one trio-asyncio loop for all of this process's edges,
+`--port` is then the hub's UDP QUIC port).
+
 Protocol: JSON lines on stdout, commands on stdin.
   out {"event": "ready"}                      certificate loaded, waiting for "go"
   in  go
@@ -28,13 +32,21 @@ import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from contextlib import suppress
+from contextlib import AbstractAsyncContextManager, suppress
+from pathlib import Path
 from typing import Any
 
 import trio
 
 from trio_cloudhub.core.message import GROUP_RESOURCE, OP_UPDATE, Message
-from trio_cloudhub.testing.edge_sim import Predicate, SimEdge, SimEdgeDisconnected, open_fleet
+from trio_cloudhub.testing.edge_sim import (
+    EdgeIdentity,
+    Fleet,
+    Predicate,
+    SimEdge,
+    SimEdgeDisconnected,
+    open_fleet,
+)
 
 ACK_POLL = 0.005  # only while the last ACK sends finish (SimEdge wakes waiters on arrival)
 
@@ -66,7 +78,8 @@ def emit(event: str, **fields: Any) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.fleet_worker")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True, help="hub WebSocket port")
+    parser.add_argument("--port", type=int, required=True, help="hub WebSocket (or QUIC) port")
+    parser.add_argument("--transport", choices=("websocket", "quic"), default="websocket")
     parser.add_argument("--ca", required=True, help="CA certificate (PEM)")
     parser.add_argument("--cert", required=True, help="edge client certificate (PEM)")
     parser.add_argument("--key", required=True, help="edge client key (PEM)")
@@ -138,14 +151,30 @@ async def read_commands(stdin: trio.lowlevel.FdStream, got: dict[str, trio.Event
                 got[command].set()
 
 
-async def run_phases(
-    args: argparse.Namespace, context: ssl.SSLContext, got: dict[str, trio.Event]
-) -> dict[str, Any]:
-    wall_offset = time.time() - trio.current_time()
-    emit("ready", pid=os.getpid())
-    await got["go"].wait()
-    go_unix = time.time()
-    async with open_fleet(
+def fleet_of(args: argparse.Namespace) -> AbstractAsyncContextManager[Fleet]:
+    """The edges of this process over the chosen transport (certificate files loaded now)."""
+    if args.transport == "quic":
+        from trio_cloudhub.testing.quic_sim import open_quic_fleet
+
+        identity = EdgeIdentity(
+            node_name=f"{args.prefix}{args.start}",
+            ca_pem=Path(args.ca).read_bytes(),
+            cert_pem=Path(args.cert).read_bytes(),
+            key_pem=Path(args.key).read_bytes(),
+        )
+        return open_quic_fleet(
+            args.host,
+            args.port,
+            identity,
+            args.count,
+            prefix=args.prefix,
+            start=args.start,
+            concurrency=args.concurrency,
+            keepalive_interval=args.keepalive,
+        )
+    context = ssl.create_default_context(cafile=args.ca)
+    context.load_cert_chain(args.cert, args.key)
+    return open_fleet(
         args.host,
         args.port,
         context,
@@ -154,7 +183,19 @@ async def run_phases(
         start=args.start,
         concurrency=args.concurrency,
         keepalive_interval=args.keepalive,
-    ) as fleet:
+    )
+
+
+async def run_phases(
+    args: argparse.Namespace,
+    fleet_cm: AbstractAsyncContextManager[Fleet],
+    got: dict[str, trio.Event],
+) -> dict[str, Any]:
+    wall_offset = time.time() - trio.current_time()
+    emit("ready", pid=os.getpid())
+    await got["go"].wait()
+    go_unix = time.time()
+    async with fleet_cm as fleet:
         emit(
             "connected",
             connected=len(fleet.edges),
@@ -211,8 +252,7 @@ async def run_phases(
 
 
 async def amain(args: argparse.Namespace) -> None:
-    context = ssl.create_default_context(cafile=args.ca)
-    context.load_cert_chain(args.cert, args.key)
+    fleet_cm = fleet_of(args)
     got = {"go": trio.Event(), "stop": trio.Event()}
     summary: dict[str, Any] = {}
     timed_out = True
@@ -220,7 +260,7 @@ async def amain(args: argparse.Namespace) -> None:
         async with trio.open_nursery() as nursery:
             stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
             nursery.start_soon(read_commands, stdin, got)
-            summary = await run_phases(args, context, got)
+            summary = await run_phases(args, fleet_cm, got)
             nursery.cancel_scope.cancel()
         timed_out = False
     emit(

@@ -1,7 +1,7 @@
 """The hub benchmark: the real `serve` CLI, N simulated edges over mutual TLS on loopback.
 
     python -m bench.run --edges 1000 [--fleet-procs 3] [--idle-seconds 30]
-                        [--scenario all|connect|idle|fanout]
+                        [--scenario all|connect|idle|fanout] [--transport websocket|quic|both]
 
 Each scenario prints one JSON line on stdout; progress goes to stderr. See bench/README.md.
 
@@ -49,6 +49,8 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CONFIG = """\
 apiVersion: cloudcore.config.kubeedge.io/v1alpha1
 kind: CloudCore
+commonConfig:
+  monitorServer: {{bindAddress: "{host}:0"}}
 modules:
   cloudHub:
     advertiseAddress: [{host}]
@@ -59,7 +61,7 @@ modules:
     tlsPrivateKeyFile: {pki}/server.key
     websocket: {{address: {host}, port: 0}}
     https: {{address: {host}, port: 0}}
-    unixsocket: {{enable: false}}
+    unixsocket: {{enable: false}}{quic}
 trioCloudHub:
   manifestsPollInterval: {poll}
   logLevel: WARNING
@@ -75,6 +77,9 @@ spec:
     image: busybox
     envFrom: [{{configMapRef: {{name: fanout}}}}]
 """
+# Only in the hub of a QUIC run: a WebSocket run measures the hub without the asyncio loop.
+QUIC_CONFIG = "\n    quic: {{enable: true, address: {host}, port: 0}}"
+TRANSPORTS = ("websocket", "quic")
 CONFIG_MAP = """\
 apiVersion: v1
 kind: ConfigMap
@@ -137,8 +142,7 @@ class Cpu:
         }
 
 
-def listening_ports(pid: int) -> set[int]:
-    """TCP ports `pid` listens on (read from /proc: works with port 0 and any log level)."""
+def socket_inodes(pid: int) -> set[str]:
     inodes: set[str] = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         try:
@@ -147,17 +151,48 @@ def listening_ports(pid: int) -> set[int]:
             continue
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    return inodes
+
+
+def own_ports(pid: int, tables: Sequence[str], state: str) -> set[int]:
+    """Local ports of `pid`'s sockets in /proc/<pid>/net/<table> with `state` (read from /proc:
+    works with port 0 and any log level)."""
+    inodes = socket_inodes(pid)
     ports: set[int] = set()
-    for table in ("tcp", "tcp6"):
+    for table in tables:
         try:
             lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
         except OSError:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A = LISTEN
+            if fields[3] == state and fields[9] in inodes:
                 ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports `pid` listens on."""
+    return own_ports(pid, ("tcp", "tcp6"), "0A")  # 0A = LISTEN
+
+
+def udp_ports(pid: int) -> set[int]:
+    """UDP ports `pid` has bound (the QUIC server's socket; 07 = unconnected)."""
+    return own_ports(pid, ("udp", "udp6"), "07")
+
+
+def udp_drops(pid: int) -> int:
+    """Datagrams the kernel dropped so far on `pid`'s UDP sockets (the last column of
+    /proc/net/udp: mostly a full receive buffer, SO_RCVBUF)."""
+    inodes = socket_inodes(pid)
+    drops = 0
+    for table in ("udp", "udp6"):
+        with suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[9] in inodes:
+                    drops += int(fields[-1])
+    return drops
 
 
 async def is_https_ready(port: int) -> bool:
@@ -177,9 +212,27 @@ async def is_https_ready(port: int) -> bool:
     return False
 
 
+async def is_plain_http(port: int) -> bool:
+    """True when `port` answers plain HTTP (the metrics server; the WebSocket and HTTPS ports
+    want a TLS handshake)."""
+    with trio.move_on_after(3):
+        try:
+            stream = await trio.open_tcp_stream(HOST, port)
+        except OSError:
+            return False
+        async with stream:
+            try:
+                await stream.send_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+                return (await stream.receive_some(5)).startswith(b"HTTP/")
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                return False
+    return False
+
+
 class Hub:
-    def __init__(self, root: Path, edges: int) -> None:
+    def __init__(self, root: Path, edges: int, transport: str = "websocket") -> None:
         self.root = root
+        self.transport = transport
         self.config = root / "cloudcore.yaml"
         self.data_dir = root / "data"
         self.manifests = root / "manifests"
@@ -187,10 +240,16 @@ class Hub:
         self.process: trio.Process | None = None
         self.websocket_port = 0
         self.https_port = 0
+        self.quic_port = 0
         self.manifests.mkdir(parents=True)
+        quic = QUIC_CONFIG.format(host=HOST) if transport == "quic" else ""
         self.config.write_text(
             CONFIG.format(
-                host=HOST, node_limit=max(1000, edges + 10), pki=root / "no-pki", poll=POLL_INTERVAL
+                host=HOST,
+                node_limit=max(1000, edges + 10),
+                pki=root / "no-pki",
+                poll=POLL_INTERVAL,
+                quic=quic,
             )
         )
 
@@ -198,6 +257,11 @@ class Hub:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    @property
+    def edge_port(self) -> int:
+        """The port the fleet connects to: WebSocket (TCP) or QUIC (UDP)."""
+        return self.quic_port if self.transport == "quic" else self.websocket_port
 
     def write_manifests(self, edges: int) -> None:
         pods = "---\n".join(POD.format(i=i) for i in range(edges))
@@ -229,12 +293,21 @@ class Hub:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"hub exited early:\n{self.log_path.read_text()}")
                 ports = listening_ports(self.pid)
-                if len(ports) >= 2:
+                if len(ports) >= 2 and not self.https_port:
                     for port in sorted(ports):
                         if await is_https_ready(port):
                             self.https_port = port
-                            self.websocket_port = next(p for p in ports if p != port)
-                            return
+                            break
+                if self.https_port and not self.websocket_port:
+                    # The metrics port (plain HTTP) is the third one, when it is up.
+                    for port in sorted(ports - {self.https_port}):
+                        if not await is_plain_http(port):
+                            self.websocket_port = port
+                            break
+                if self.https_port and self.transport == "quic" and not self.quic_port:
+                    self.quic_port = min(udp_ports(self.pid), default=0)
+                if self.websocket_port and (self.quic_port or self.transport != "quic"):
+                    return
                 await trio.sleep(0.1)
 
     async def token(self) -> str:
@@ -284,6 +357,8 @@ async def pyspy(hub: Hub, phase: str) -> AsyncIterator[None]:
     if not folder:
         yield
         return
+    if hub.transport != "websocket":
+        phase = f"{hub.transport}-{phase}"  # DIR/quic-connect.txt, ...
     output = profile_path(folder, phase)
     command = ["py-spy", "record", "--pid", str(hub.pid), "--format", "raw", "--nonblocking"]
     rate = os.environ.get("BENCH_PYSPY_RATE", "200")
@@ -385,7 +460,8 @@ async def start_workers(
     for index in range(procs):
         count = edges // procs + (1 if index < edges % procs else 0)
         command = [sys.executable, "-m", "bench.fleet_worker", "--host", HOST]
-        command += ["--port", str(hub.websocket_port), "--start", str(first), "--count", str(count)]
+        command += ["--port", str(hub.edge_port), "--transport", hub.transport]
+        command += ["--start", str(first), "--count", str(count)]
         command += ["--ca", str(identity["ca"]), "--cert", str(identity["cert"])]
         command += ["--key", str(identity["key"]), "--concurrency", str(concurrency)]
         command += ["--keepalive", str(KEEPALIVE), "--fanout-resource", FANOUT_RESOURCE]
@@ -422,6 +498,15 @@ def emit(figures: dict[str, Any]) -> None:
     print(json.dumps({**figures, "machine": machine()}), flush=True)
 
 
+CONNECT_NOTES = {
+    "websocket": "mutual TLS with one shared edge identity bootstrapped via HTTPS; "
+    "hub CPU includes the initial sync (pod + config map) that starts at once",
+    "quic": "QUIC v1 (aioquic, TLS 1.3, mutual) with one shared edge identity bootstrapped via "
+    "HTTPS, then the header on the control stream answered `ack`; each fleet process runs all "
+    "its edges in one trio-asyncio loop; hub CPU includes the initial sync (pod + config map)",
+}
+
+
 def fleet_cpu(workers: Sequence[Worker]) -> float:
     """CPU seconds of all fleet processes so far (read from /proc like the hub's)."""
     return sum(Cpu.of(worker.process.pid).total for worker in workers)
@@ -434,6 +519,7 @@ class Bench:
         self.args = args
         self.n: int = args.edges
         self.hub = hub
+        self.transport = hub.transport
         self.workers = workers
         self.connected = 0
         self.rss_before = 0
@@ -441,6 +527,15 @@ class Bench:
 
     def cpu(self) -> Cpu:
         return Cpu.of(self.hub.pid)
+
+    def udp_drops(self) -> int:
+        return udp_drops(self.hub.pid) if self.transport == "quic" else 0
+
+    def drops_since(self, before: int) -> dict[str, int]:
+        """QUIC only: datagrams the hub's socket dropped (full receive buffer) in a phase."""
+        if self.transport != "quic":
+            return {}
+        return {"hub_udp_drops": self.udp_drops() - before}
 
     async def measure_baseline(self, with_cpu: bool) -> None:
         """Hub RSS before any edge, and its idle CPU with no edge (the manifests poll alone)."""
@@ -458,6 +553,7 @@ class Bench:
         log(f"connecting {self.n} edges from {len(self.workers)} processes")
         async with pyspy(self.hub, "connect"):
             fleet_before = fleet_cpu(self.workers)
+            drops_before = self.udp_drops()
             before = self.cpu()
             go = time.time()
             for worker in self.workers:
@@ -472,6 +568,7 @@ class Bench:
             emit(
                 {
                     "scenario": "connect",
+                    "transport": self.transport,
                     "edges": self.n,
                     "connected": ok,
                     "failed": sum(event["failed"] for event in events),
@@ -484,8 +581,8 @@ class Bench:
                     **used.figures("hub_cpu"),
                     "hub_cpu_ms_per_edge": round(used.total * 1000 / max(ok, 1), 2),
                     "fleet_cpu_s": round(fleet_used, 2),
-                    "note": "mutual TLS with one shared edge identity bootstrapped via HTTPS; "
-                    "hub CPU includes the initial sync (pod + config map) that starts at once",
+                    **self.drops_since(drops_before),
+                    "note": CONNECT_NOTES[self.transport],
                     **self.pinned(),
                 }
             )
@@ -503,6 +600,7 @@ class Bench:
         seconds = self.args.idle_seconds
         log(f"idle for {seconds} s")
         async with pyspy(self.hub, "idle"):
+            drops_before = self.udp_drops()
             before = self.cpu()
             began = time.monotonic()
             await trio.sleep(seconds)
@@ -511,6 +609,7 @@ class Bench:
         emit(
             {
                 "scenario": "idle",
+                "transport": self.transport,
                 "edges": self.n,
                 "connected": sum(event["edges"] for event in synced),
                 "initial_sync_acks": sum(event["acks"] for event in synced),
@@ -522,6 +621,7 @@ class Bench:
                 "hub_cpu_s_per_idle_minute": round(used.total * 60 / window, 3),
                 **self.baseline,
                 "edge_keepalive_s": KEEPALIVE,
+                **self.drops_since(drops_before),
                 "manifests_poll_interval_s": POLL_INTERVAL,
                 "note": "the manifests folder is watched with inotify (polled every "
                 f"{POLL_INTERVAL} s only without it); *_no_edges is the hub idle before any "
@@ -534,6 +634,7 @@ class Bench:
         log("fan-out: rewriting the config map")
         async with pyspy(self.hub, "fanout"):
             fleet_before = fleet_cpu(self.workers)
+            drops_before = self.udp_drops()
             before = self.cpu()
             t0 = time.time()
             self.hub.write_config_map(2)
@@ -555,6 +656,7 @@ class Bench:
         emit(
             {
                 "scenario": "fanout",
+                "transport": self.transport,
                 "edges": self.n,
                 "received": len(arrivals),
                 "acked_by_edges": sum(event["acked"] for event in events),
@@ -569,6 +671,7 @@ class Bench:
                 "hub_cpu_window_s": round(window, 3),
                 "hub_cpu_s_per_1000_messages": round(used.total / max(len(arrivals), 1) * 1000, 3),
                 "fleet_cpu_s": round(fleet_used, 2),
+                **self.drops_since(drops_before),
                 "manifests_poll_interval_s": POLL_INTERVAL,
                 "note": "latency is from just before the ConfigMap file write to arrival at the "
                 "edge and includes the store's 20 ms inotify debounce; every edge ACKs at once",
@@ -593,18 +696,30 @@ def pin(hub: Hub, workers: Sequence[Worker]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    """Every scenario over each transport asked for, each transport with a hub of its own."""
+    transports = TRANSPORTS if args.transport == "both" else (args.transport,)
+    for transport in transports:
+        await run_transport(args, transport)
+    return 0
+
+
+async def run_transport(args: argparse.Namespace, transport: str) -> None:
     scenarios = {"connect", "idle", "fanout"} if args.scenario == "all" else {args.scenario}
     n = args.edges
     # A bound on the fleet processes' lives: they stop by themselves after this.
     fleet_lifetime = 240.0 + args.idle_seconds + n / 10
-    with tempfile.TemporaryDirectory(prefix="cloudhub-bench-") as folder:
-        hub = Hub(Path(folder), n)
+    with tempfile.TemporaryDirectory(prefix=f"cloudhub-bench-{transport}-") as folder:
+        hub = Hub(Path(folder), n, transport)
         hub.write_manifests(n)
         workers: list[Worker] = []
         try:
             async with trio.open_nursery() as nursery:
                 await hub.start()
-                log(f"hub pid {hub.pid}: websocket {hub.websocket_port}, https {hub.https_port}")
+                quic = f", quic {hub.quic_port} (udp)" if hub.quic_port else ""
+                log(
+                    f"hub pid {hub.pid}: websocket {hub.websocket_port}, https {hub.https_port}"
+                    f"{quic}; the fleet connects over {transport}"
+                )
                 token = await hub.token()
                 identity = await bootstrap(HOST, hub.https_port, token, "bench-edge")
                 files = write_identity(Path(folder, "identity"), identity)
@@ -640,7 +755,6 @@ async def run(args: argparse.Namespace) -> int:
         finally:
             with trio.CancelScope(shield=True):
                 await shut_down(hub, workers)
-    return 0
 
 
 async def shut_down(hub: Hub, workers: Sequence[Worker]) -> None:
@@ -671,6 +785,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fleet-procs", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--scenario", choices=("all", "connect", "idle", "fanout"), default="all")
+    parser.add_argument(
+        "--transport",
+        choices=(*TRANSPORTS, "both"),
+        default="websocket",
+        help="how the edges connect; both: the scenarios over WebSocket, then over QUIC, "
+        "each with a fresh hub",
+    )
     parser.add_argument(
         "--concurrency", type=int, default=50, help="handshakes in flight per fleet process"
     )

@@ -218,6 +218,7 @@ async def _drain_on_signal(scope: trio.CancelScope, started: list[ServeInfo]) ->
 
 def _log_ready(info: ServeInfo) -> None:
     quic = f", quic port {info.quic_port} (udp)" if info.quic_port else ""
+    quic += f", metrics port {info.metrics_port}" if info.metrics_port else ""
     log.info(
         "serving: websocket port %d, https port %d%s, data dir %s, manifests %s",
         info.websocket_port,

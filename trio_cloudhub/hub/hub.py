@@ -279,16 +279,31 @@ class Hub:
             self.metrics.count_handshake(transport, f"refused:{code}")
             # Refusals while draining are expected (edges reconnect at once): not a warning.
             level = logging.INFO if self.draining else logging.WARNING
-            log.log(level, "refused node %s from %s: %s", node_id, conn.remote, refusal)
+            fields = {"node": node_id, "transport": transport, "remote": conn.remote}
+            log.log(
+                level,
+                "refused node %s from %s: %s",
+                node_id,
+                conn.remote,
+                refusal,
+                extra={**fields, "reason": refusal},
+            )
             await conn.aclose(refusal)
             return
         self.metrics.count_handshake(transport, "accepted")
-        session = NodeSession(self, self.entry(node_id), conn)
+        session = NodeSession(self, self.entry(node_id), conn, transport)
         previous = self.sessions.get(node_id)
         if previous is not None:
             previous.end("replaced by a new connection")
         self.sessions[node_id] = session
-        log.info("node %s connected from %s (project %s)", node_id, conn.remote, conn.project_id)
+        fields = {"node": node_id, "transport": transport, "remote": conn.remote}
+        log.info(
+            "node %s connected from %s (project %s)",
+            node_id,
+            conn.remote,
+            conn.project_id,
+            extra=fields,
+        )
         self.reconcile_node(node_id)
         try:
             await session.run()
@@ -300,7 +315,10 @@ class Hub:
                 del self.sessions[node_id]
                 if not self.settings.queue_while_away:
                     self.nodes.pop(node_id, None)
-            log.info("node %s disconnected: %s", node_id, session.end_reason or "closed")
+            reason = session.end_reason or "closed"
+            log.info(
+                "node %s disconnected: %s", node_id, reason, extra={**fields, "reason": reason}
+            )
         await conn.aclose(session.end_reason)
 
     def _refusal(self, node_id: str) -> tuple[str, str]:

@@ -35,11 +35,15 @@ class SessionEnded(Exception):
 
 
 class NodeSession(NodeSessionHandle):
-    def __init__(self, hub: Hub, entry: NodeEntry, conn: EdgeConnection) -> None:
+    def __init__(
+        self, hub: Hub, entry: NodeEntry, conn: EdgeConnection, transport: str = "memory"
+    ) -> None:
         super().__init__(entry, conn.remote)
         self.hub = hub
         self.conn = conn
         self.node_id = entry.node_id
+        self.transport = transport
+        self._tracing = log.isEnabledFor(logging.DEBUG)  # -v=4: every message, by route
         self._delivery: Delivery | None = None
         self._acked = trio.Event()
         # Metric hooks, bound once: the hot path pays a call and an increment.
@@ -80,6 +84,8 @@ class NodeSession(NodeSessionHandle):
 
     async def _handle(self, message: Message) -> None:
         self._count_received(message.operation)
+        if self._tracing:
+            self._trace("received", message)
         kind = classify_upstream(message)
         if kind is Upstream.KEEPALIVE:
             self.cancel_scope.deadline = trio.current_time() + self.hub.settings.keepalive_interval
@@ -93,6 +99,22 @@ class NodeSession(NodeSessionHandle):
             pass
         elif self.hub.admit(self.node_id, message):
             await self.hub.submit_upstream(self.node_id, kind, message)
+
+    def _trace(self, what: str, message: Message) -> None:
+        """One DEBUG line per message: route and ids, never the content (secrets)."""
+        log.debug(
+            "%s %s %s",
+            what,
+            message.operation,
+            message.resource,
+            extra={
+                "node": self.node_id,
+                "transport": self.transport,
+                "msg_id": message.msg_id,
+                "operation": message.operation,
+                "resource": message.resource,
+            },
+        )
 
     def _on_ack(self, message: Message) -> None:
         delivery = self._delivery
@@ -118,7 +140,12 @@ class NodeSession(NodeSessionHandle):
             else:
                 self.end_flight()
                 self.entry.queue.failed(message, trio.current_time())
-                log.info("node %s: no ACK for %s after retries", self.node_id, message.resource)
+                log.info(
+                    "node %s: no ACK for %s after retries",
+                    self.node_id,
+                    message.resource,
+                    extra={"node": self.node_id, "msg_id": message.msg_id, "reason": "no ACK"},
+                )
         await trio.sleep_forever()
 
     async def _deliver(self, message: Message) -> bool:
@@ -136,6 +163,8 @@ class NodeSession(NodeSessionHandle):
             while True:
                 action = delivery.poll(trio.current_time())
                 if isinstance(action, Send):
+                    if self._tracing:
+                        self._trace(f"sending (attempt {action.attempt})", message)
                     await self._send(frame)
                     if action.attempt == 1:
                         self._count_sent(message.operation)
@@ -155,6 +184,8 @@ class NodeSession(NodeSessionHandle):
         while True:
             message = await self.entry.next_no_ack_message()
             trimmed = message.with_resource(trim_for_edge(message.resource))
+            if self._tracing:
+                self._trace("sending (no ACK)", message)
             await self._send(codec.encode(trimmed))
             self._count_sent(message.operation)
 
