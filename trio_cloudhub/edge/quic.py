@@ -81,6 +81,7 @@ ERROR_IDENTITY = 0x101
 ERROR_USE_TYPE = 0x102
 
 Authenticate = Callable[[str, bytes | None], str | None]
+ClientConfiguration = QuicConfiguration  # what quic_client_configuration gives connect_quic
 # `on_handshake_failure(reason)`: a connection that never reached the handler, and why
 # (tls, bad-request, refused:identity, timeout, lost), for the metrics.
 HandshakeFailed = Callable[[str], None]
@@ -627,6 +628,67 @@ class QuicClientConnection:
     aclose = abort
 
 
+def quic_runtime() -> Any:
+    """The asyncio loop QUIC clients run in (`async with quic_runtime():`), one per process
+    or per group of connections: `connect_quic` needs it."""
+    return trio_asyncio.open_loop()
+
+
+def quic_client_configuration(
+    host: str, *, ca_pem: bytes, cert_pem: bytes, key_pem: bytes
+) -> QuicConfiguration:
+    """One client configuration, reusable for many connections: the hub's CA, the edge's
+    certificate and key, ALPN `kubeedge`."""
+    configuration = QuicConfiguration(
+        is_client=True, alpn_protocols=[ALPN], cadata=ca_pem, server_name=host
+    )
+    with _pem_files(cert_pem, key_pem) as (cert, key):
+        configuration.load_cert_chain(cert, key)
+    return configuration
+
+
+@asynccontextmanager
+async def connect_quic(
+    host: str,
+    port: int,
+    configuration: QuicConfiguration,
+    *,
+    node_id: str,
+    project_id: str,
+    connect_timeout: float = 10.0,
+    send_header: bool = True,
+) -> AsyncIterator[QuicClientConnection]:
+    """A connection inside a running `quic_runtime()`, identified (header answered `ack`)
+    unless `send_header=False`; closed when the block ends.
+
+    The header is written at once and leaves with the first 1-RTT packet: its answer is the
+    wait for the handshake too (a TLS failure ends it as `QuicHeaderRefused`). aioquic's own
+    wait (`wait_connected`) is not used: cancelled by a timeout, it leaves a future that gets
+    `ConnectionError` later, which nobody retrieves, and trio-asyncio raises such errors into
+    the loop's nursery, ending every other connection of the loop too."""
+    from aioquic.asyncio.client import connect
+
+    with trio.fail_after(connect_timeout):
+        manager = connect(
+            host,
+            port,
+            configuration=configuration,
+            create_protocol=_ClientProtocol,
+            wait_connected=not send_header,
+        )
+        protocol = await trio_asyncio.aio_as_trio(manager.__aenter__)()
+    client: QuicClientConnection = protocol.client
+    try:
+        if send_header:
+            with trio.fail_after(connect_timeout):
+                await client.handshake(node_id, project_id)
+        yield client
+    finally:
+        with trio.CancelScope(shield=True):
+            await client.abort()
+            await trio_asyncio.aio_as_trio(manager.__aexit__)(None, None, None)
+
+
 @asynccontextmanager
 async def open_quic_client(
     host: str,
@@ -640,26 +702,20 @@ async def open_quic_client(
     connect_timeout: float = 10.0,
     send_header: bool = True,
 ) -> AsyncIterator[QuicClientConnection]:
-    """A connected, identified edge connection (`send_header=False`: connected only, for
-    tests of a client that never identifies itself); closed when the block ends."""
-    from aioquic.asyncio.client import connect
-
-    configuration = QuicConfiguration(is_client=True, alpn_protocols=[ALPN], cadata=ca_pem)
-    with _pem_files(cert_pem, key_pem) as (cert, key):
-        configuration.load_cert_chain(cert, key)
-    async with trio_asyncio.open_loop():
-        with trio.fail_after(connect_timeout):
-            manager = connect(
-                host, port, configuration=configuration, create_protocol=_ClientProtocol
-            )
-            protocol = await trio_asyncio.aio_as_trio(manager.__aenter__)()
-        try:
-            client = protocol.client
-            if send_header:
-                with trio.fail_after(connect_timeout):
-                    await client.handshake(node_id, project_id)
-            yield client
-        finally:
-            with trio.CancelScope(shield=True):
-                await client.abort()
-                await trio_asyncio.aio_as_trio(manager.__aexit__)(None, None, None)
+    """`connect_quic` in a runtime of its own (one edge; fleets share one runtime)."""
+    configuration = quic_client_configuration(
+        host, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem
+    )
+    async with (
+        quic_runtime(),
+        connect_quic(
+            host,
+            port,
+            configuration,
+            node_id=node_id,
+            project_id=project_id,
+            connect_timeout=connect_timeout,
+            send_header=send_header,
+        ) as client,
+    ):
+        yield client

@@ -22,17 +22,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import trio
-import trio_asyncio
-from aioquic.asyncio.client import connect
-from aioquic.quic.configuration import QuicConfiguration
 
 from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.quic import (
-    ALPN,
-    QuicClientConnection,
-    _ClientProtocol,
-    _pem_files,
+    ClientConfiguration,
+    connect_quic,
     open_quic_client,
+    quic_client_configuration,
+    quic_runtime,
 )
 from trio_cloudhub.testing.edge_sim import EdgeIdentity, Fleet, SimEdge
 
@@ -75,60 +72,11 @@ async def open_sim_quic_edge(
                 nursery.cancel_scope.cancel()
 
 
-def client_configuration(identity: EdgeIdentity, host: str) -> QuicConfiguration:
-    """One client configuration for many connections (what `open_quic_client` builds each
-    time): the hub's CA, the edge's certificate and key, ALPN `kubeedge`."""
-    configuration = QuicConfiguration(
-        is_client=True, alpn_protocols=[ALPN], cadata=identity.ca_pem, server_name=host
-    )
-    with _pem_files(identity.cert_pem, identity.key_pem) as (cert, key):
-        configuration.load_cert_chain(cert, key)
-    return configuration
-
-
-@asynccontextmanager
-async def connect_quic_in_loop(
-    host: str,
-    port: int,
-    configuration: QuicConfiguration,
-    node_id: str,
-    project_id: str = DEFAULT_PROJECT_ID,
-    *,
-    connect_timeout: float = 10.0,
-) -> AsyncIterator[QuicClientConnection]:
-    """`open_quic_client` without a loop of its own: the caller runs inside
-    `trio_asyncio.open_loop()`. Connected and identified (header answered `ack`).
-
-    The header is written at once and leaves with the first 1-RTT packet: its answer is the
-    wait for the handshake too (a TLS failure ends it as `QuicHeaderRefused`). aioquic's own
-    wait (`wait_connected`) is not used: cancelled by a timeout, it leaves a future that gets
-    `ConnectionError` later, which nobody retrieves, and trio-asyncio raises such errors into
-    the loop's nursery, ending every other edge of the loop too."""
-    with trio.fail_after(connect_timeout):
-        manager = connect(
-            host,
-            port,
-            configuration=configuration,
-            create_protocol=_ClientProtocol,
-            wait_connected=False,
-        )
-        protocol = await trio_asyncio.aio_as_trio(manager.__aenter__)()
-    client: QuicClientConnection = protocol.client
-    try:
-        with trio.fail_after(connect_timeout):
-            await client.handshake(node_id, project_id)
-        yield client
-    finally:
-        with trio.CancelScope(shield=True):
-            await client.abort()
-            await trio_asyncio.aio_as_trio(manager.__aexit__)(None, None, None)
-
-
 async def start_sim_quic_edge(
     nursery: trio.Nursery,
     host: str,
     port: int,
-    configuration: QuicConfiguration,
+    configuration: ClientConfiguration,
     node_id: str,
     project_id: str = DEFAULT_PROJECT_ID,
     *,
@@ -140,8 +88,13 @@ async def start_sim_quic_edge(
     connection is closed when the task ends. Connection failures are raised here."""
 
     async def run(*, task_status: trio.TaskStatus[SimEdge]) -> None:
-        async with connect_quic_in_loop(
-            host, port, configuration, node_id, project_id, connect_timeout=connect_timeout
+        async with connect_quic(
+            host,
+            port,
+            configuration,
+            node_id=node_id,
+            project_id=project_id,
+            connect_timeout=connect_timeout,
         ) as connection:
             edge = SimEdge(
                 connection,
@@ -175,7 +128,9 @@ async def open_quic_fleet(
     """`edge_sim.open_fleet` over QUIC: `count` edges named `<prefix><start>`… with one
     shared identity, at most `concurrency` handshakes in flight, all in one trio-asyncio
     loop; failures are recorded in `fleet.failures`, not raised."""
-    configuration = client_configuration(identity, host)
+    configuration = quic_client_configuration(
+        host, ca_pem=identity.ca_pem, cert_pem=identity.cert_pem, key_pem=identity.key_pem
+    )
     fleet = Fleet()
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -200,7 +155,7 @@ async def open_quic_fleet(
             fleet.connect_times.append(trio.current_time() - began)
             fleet.edges.append(edge)
 
-    async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
+    async with quic_runtime(), trio.open_nursery() as nursery:
         began = trio.current_time()
         async with trio.open_nursery() as connecting:
             for index in range(start, start + count):
