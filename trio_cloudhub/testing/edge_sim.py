@@ -566,6 +566,39 @@ async def open_fleet(
         shared = identity.client_ssl_context()  # one context for all: far less memory
     elif isinstance(identity, ssl.SSLContext):
         shared = identity
+
+    async def start_one(nursery: trio.Nursery, node_id: str) -> SimEdge:
+        if shared is not None:
+            source: IdentitySource = shared
+        else:
+            assert callable(identity)
+            source = await identity(node_id)
+        return await start_sim_edge(
+            nursery,
+            host,
+            port,
+            source,
+            node_id,
+            project_id,
+            auto_ack=auto_ack,
+            keepalive_interval=keepalive_interval,
+            connect_timeout=connect_timeout,
+        )
+
+    names = [f"{prefix}{index}" for index in range(start, start + count)]
+    async with run_fleet(names, start_one, concurrency) as fleet:
+        yield fleet
+
+
+StartEdge = Callable[[trio.Nursery, str], Awaitable[SimEdge]]
+
+
+@asynccontextmanager
+async def run_fleet(
+    names: Sequence[str], start_edge: StartEdge, concurrency: int
+) -> AsyncIterator[Fleet]:
+    """Start an edge per name with at most `concurrency` starting at once (whatever the
+    transport); failures are recorded in `fleet.failures`, not raised."""
     fleet = Fleet()
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -573,22 +606,7 @@ async def open_fleet(
         async with limiter:
             began = trio.current_time()
             try:
-                if shared is not None:
-                    source: IdentitySource = shared
-                else:
-                    assert callable(identity)
-                    source = await identity(node_id)
-                edge = await start_sim_edge(
-                    nursery,
-                    host,
-                    port,
-                    source,
-                    node_id,
-                    project_id,
-                    auto_ack=auto_ack,
-                    keepalive_interval=keepalive_interval,
-                    connect_timeout=connect_timeout,
-                )
+                edge = await start_edge(nursery, node_id)
             except Exception as exc:  # recorded; one edge's failure must not stop the fleet
                 fleet.failures[node_id] = f"{type(exc).__name__}: {exc}"
                 return
@@ -598,8 +616,8 @@ async def open_fleet(
     async with trio.open_nursery() as nursery:
         began = trio.current_time()
         async with trio.open_nursery() as connecting:
-            for index in range(start, start + count):
-                connecting.start_soon(connect, nursery, f"{prefix}{index}")
+            for node_id in names:
+                connecting.start_soon(connect, nursery, node_id)
         fleet.connect_seconds = trio.current_time() - began
         try:
             yield fleet

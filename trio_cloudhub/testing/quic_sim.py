@@ -31,7 +31,7 @@ from trio_cloudhub.edge.quic import (
     quic_client_configuration,
     quic_runtime,
 )
-from trio_cloudhub.testing.edge_sim import EdgeIdentity, Fleet, SimEdge
+from trio_cloudhub.testing.edge_sim import EdgeIdentity, Fleet, SimEdge, run_fleet
 
 
 @asynccontextmanager
@@ -131,37 +131,20 @@ async def open_quic_fleet(
     configuration = quic_client_configuration(
         host, ca_pem=identity.ca_pem, cert_pem=identity.cert_pem, key_pem=identity.key_pem
     )
-    fleet = Fleet()
-    limiter = trio.CapacityLimiter(concurrency)
 
-    async def connect_one(nursery: trio.Nursery, node_id: str) -> None:
-        async with limiter:
-            began = trio.current_time()
-            try:
-                edge = await start_sim_quic_edge(
-                    nursery,
-                    host,
-                    port,
-                    configuration,
-                    node_id,
-                    project_id,
-                    auto_ack=auto_ack,
-                    keepalive_interval=keepalive_interval,
-                    connect_timeout=connect_timeout,
-                )
-            except Exception as exc:  # recorded; one edge's failure must not stop the fleet
-                fleet.failures[node_id] = f"{type(exc).__name__}: {exc}"
-                return
-            fleet.connect_times.append(trio.current_time() - began)
-            fleet.edges.append(edge)
+    async def start_one(nursery: trio.Nursery, node_id: str) -> SimEdge:
+        return await start_sim_quic_edge(
+            nursery,
+            host,
+            port,
+            configuration,
+            node_id,
+            project_id,
+            auto_ack=auto_ack,
+            keepalive_interval=keepalive_interval,
+            connect_timeout=connect_timeout,
+        )
 
-    async with quic_runtime(), trio.open_nursery() as nursery:
-        began = trio.current_time()
-        async with trio.open_nursery() as connecting:
-            for index in range(start, start + count):
-                connecting.start_soon(connect_one, nursery, f"{prefix}{index}")
-        fleet.connect_seconds = trio.current_time() - began
-        try:
-            yield fleet
-        finally:
-            nursery.cancel_scope.cancel()
+    names = [f"{prefix}{index}" for index in range(start, start + count)]
+    async with quic_runtime(), run_fleet(names, start_one, concurrency) as fleet:
+        yield fleet
