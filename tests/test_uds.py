@@ -513,3 +513,29 @@ async def test_a_tcp_port_in_use_raises_with_address_and_reason() -> None:
         with pytest.raises(UdsSocketError) as caught:
             await th.nursery.start(serve_uds, th.hub.request_volume, bound)
         assert bound in str(caught.value)
+
+
+async def test_a_node_that_disconnects_before_answering_fails_the_request_at_once(
+    sock_dir: Path,
+) -> None:
+    async with open_test_hub() as th:
+        edge = await th.connect("n1")
+        bound = await th.nursery.start(
+            partial(serve_uds, th.hub.request_volume, f"unix://{sock_dir}/k.sock")
+        )
+        request = volume_request()
+        replies: list[bytes] = []
+
+        async def ask() -> None:
+            replies.append(await exchange(bound, wire(request), within=2))
+
+        with trio.fail_after(2):  # far below the 60 s answer timeout
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask)
+                while True:  # the edge gets the request, then goes away without answering
+                    if codec.decode(await edge.receive()).operation == "createvolume":
+                        break
+                await edge.aclose()
+        reply = codec.decode(replies[0])
+        assert_error(reply, request, containing="node n1 disconnected before answering")
+        assert th.hub._volume_waiters == {}

@@ -53,6 +53,7 @@ class _VolumeWaiter:
     node_id: str
     done: trio.Event = attrs.field(factory=trio.Event)
     answer: Message | None = None
+    lost: str = ""  # why no answer can come (the node's session ended)
 
 
 @attrs.frozen
@@ -223,11 +224,20 @@ class Hub:
         try:
             self.route_downstream(message)
             await waiter.done.wait()
-            assert waiter.answer is not None
+            if waiter.answer is None:
+                raise VolumeRequestError(f"node {node_id} {waiter.lost} before answering")
             return waiter.answer
         finally:
             if self._volume_waiters.get(msg_id) is waiter:
                 del self._volume_waiters[msg_id]
+
+    def _abandon_volume_requests(self, node_id: str, reason: str) -> None:
+        """The node's session ended: its pending volume requests get no answer now (the
+        request went with the connection), so they fail at once instead of timing out."""
+        for waiter in self._volume_waiters.values():
+            if waiter.node_id == node_id and waiter.answer is None and not waiter.done.is_set():
+                waiter.lost = reason
+                waiter.done.set()
 
     def answer_volume(self, node_id: str, message: Message) -> None:
         """An edge's `<ns>/volume/<id>` message: complete the request it answers, if any."""
@@ -313,6 +323,7 @@ class Hub:
         finally:
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
+                self._abandon_volume_requests(node_id, "disconnected")
                 if not self.settings.queue_while_away:
                     self.nodes.pop(node_id, None)
             reason = session.end_reason or "closed"
