@@ -27,6 +27,7 @@ from trio_cloudhub.testing.hub_process import free_ports
 CONFIG = """\
 apiVersion: cloudcore.config.kubeedge.io/v1alpha1
 kind: CloudCore
+commonConfig: {{monitorServer: {{bindAddress: "127.0.0.1:0"}}}}
 kubeAPIConfig: {{kubeConfig: "{kubeconfig}", qps: 1000, burst: 1000}}
 modules:
   cloudHub:

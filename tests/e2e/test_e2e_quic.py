@@ -22,6 +22,7 @@ from trio_cloudhub.testing.edge_sim import EdgeIdentity, bootstrap, keepalive_me
 from trio_cloudhub.testing.quic_sim import open_sim_quic_edge
 
 CONFIG = """\
+commonConfig: {{monitorServer: {{bindAddress: "127.0.0.1:0"}}}}
 modules:
   cloudHub:
     advertiseAddress: [127.0.0.1]

@@ -94,6 +94,8 @@ def hub_config(
     return {
         "apiVersion": "cloudcore.config.kubeedge.io/v1alpha1",
         "kind": "CloudCore",
+        # Any free port: several hubs (tests, benches) must not fight over 9091.
+        "commonConfig": {"monitorServer": {"bindAddress": f"{HOST}:0"}},
         "modules": {"cloudHub": hub},
         "trioCloudHub": extra,
     }
