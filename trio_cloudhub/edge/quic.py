@@ -20,6 +20,9 @@ Rules of a connection:
 - the hub sends on one stream it opens itself (`msg`), so its messages stay in order; a send
   waits while more than SEND_BUFFER bytes are unacknowledged (backpressure);
 - at most `max_incoming_streams` client streams are open at once (the QUIC stream limit);
+- aioquic hands over whatever arrives (its flow-control credit is automatic), so an edge that
+  gets RECEIVE_BUFFER messages ahead of the hub's reader is disconnected, where TCP would
+  simply slow a WebSocket edge down; KubeEdge edges rate-limit themselves (30 qps, burst 60);
 - messages cross to the hub as the Go JSON form the WebSocket path uses, so a QUIC session is
   the same hub session (queues, ACKs, keepalive, node limit, replacement on reconnect).
 """
