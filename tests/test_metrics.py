@@ -22,11 +22,11 @@ from trio_cloudhub.hub.hub import Hub, HubSettings
 from trio_cloudhub.hub.server import ServeInfo, serve
 from trio_cloudhub.metrics import (
     MAX_HEADER_BYTES,
-    ChangeLag,
     Metrics,
     parse_bind_address,
     serve_metrics,
 )
+from trio_cloudhub.store.base import ChangeLag
 from trio_cloudhub.testing.edge_sim import bootstrap, open_sim_edge
 from trio_cloudhub.testing.hub import object_message, open_test_hub
 from trio_cloudhub.testing.quic_sim import open_sim_quic_edge

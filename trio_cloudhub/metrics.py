@@ -40,8 +40,7 @@ from __future__ import annotations
 import contextlib
 import http
 import logging
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, NoReturn
 
@@ -75,6 +74,7 @@ from trio_cloudhub.core.message import (
     VOLUME_OPERATIONS,
 )
 from trio_cloudhub.core.rules import TASK_OPERATIONS
+from trio_cloudhub.store.base import ChangeLag
 
 if TYPE_CHECKING:
     from trio_cloudhub.hub.hub import Hub
@@ -108,48 +108,6 @@ OTHER = "other"
 # Loopback ACKs take about a millisecond; a lost frame costs whole ACK timeouts (5 s each).
 ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60)
 CONNECTED_NODES_HELP = "Number of nodes that connected to the cloudHub instance"  # KubeEdge's
-
-
-class ChangeLag:
-    """How far a store is behind the changes it has seen (the store lag metrics).
-
-    A store calls `seen()` when it notices a change (a manifest scan that found changed
-    files, an informer event), `sending()` when it starts handing the changes seen so far to
-    the hub, and `handed_over()` once their messages are in the hub's node queues. `behind()`
-    is the age of the oldest change seen and not handed over: it keeps growing across failed
-    attempts (a database write that keeps failing), which is what an alert wants to see.
-    Changes seen while a batch is being handed over wait for the next one.
-    """
-
-    __slots__ = ("_batch", "_clock", "_since", "last_seconds")
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._since: float | None = None  # oldest change not yet in a batch
-        self._batch: float | None = None  # oldest change of the batch being handed over
-        self.last_seconds = 0.0  # seen -> handed over, for the last batch handed over
-
-    def seen(self) -> None:
-        if self._since is None:
-            self._since = self._clock()
-
-    def sending(self) -> None:
-        if self._batch is None:  # else an unfinished batch is sent again: keep its age
-            self._batch = self._since
-        self._since = None
-
-    def handed_over(self) -> None:
-        if self._batch is not None:
-            self.last_seconds = self._clock() - self._batch
-            self._batch = None
-
-    def clear(self) -> None:
-        """Forget what was seen (e.g. the initial list, which is no change to hand over)."""
-        self._since = self._batch = None
-
-    def behind(self) -> float:
-        oldest = self._batch if self._batch is not None else self._since
-        return 0.0 if oldest is None else self._clock() - oldest
 
 
 class Metrics:
@@ -256,9 +214,7 @@ class _HubCollector:
             "Changes queued again because a node's ack points showed it missed them",
             value=hub.stats["reconciled"],
         )
-        lag = getattr(hub.store, "change_lag", None)
-        if isinstance(lag, ChangeLag):
-            yield from _store_lag(lag)
+        yield from _store_lag(hub.store.change_lag)
 
 
 def _queue_depths(depths: Iterator[int]) -> Iterator[Metric]:

@@ -131,7 +131,8 @@ async def serve_quic(
     `on_handshake_failure(reason)` hears of connections refused before reaching `handler`
     (a TLS failure inside aioquic, before `HandshakeCompleted`, is not seen here).
     """
-    configuration = _server_configuration(settings)
+    # Key files are written and loaded once: in a thread, not in the event loop.
+    configuration = await trio.to_thread.run_sync(_server_configuration, settings)
     async with trio_asyncio.open_loop(), trio.open_nursery() as nursery:
         shared = _Shared(settings, handler, nursery, authenticate, on_handshake_failure)
         server = await trio_asyncio.aio_as_trio(serve)(
@@ -427,19 +428,58 @@ class _HubProtocol(QuicConnectionProtocol):
         return self._remote or "?"
 
 
+class _Inbox:
+    """Received messages, as JSON text, until the connection ends (both sides use one)."""
+
+    def __init__(self, capacity: float) -> None:
+        self._send, self._receive = trio.open_memory_channel[str](capacity)
+        self.closed = False
+        self.close_reason = ""
+
+    def put(self, message: Message) -> bool:
+        """False when the inbox is full (the reader fell `capacity` messages behind)."""
+        try:
+            self._send.send_nowait(codec.encode(message))
+        except trio.WouldBlock:
+            return False
+        except trio.ClosedResourceError:
+            pass
+        return True
+
+    def close(self, reason: str) -> bool:
+        """End it (the first reason wins); True the first time."""
+        if self.closed:
+            return False
+        self.closed, self.close_reason = True, reason
+        self._send.close()
+        return True
+
+    def check_open(self) -> None:
+        if self.closed:
+            raise EdgeDisconnected(self.close_reason or "closed")
+
+    async def receive(self) -> str:
+        try:
+            return await self._receive.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise EdgeDisconnected(self.close_reason or "closed") from None
+
+
 class QuicEdgeConnection:
     """The hub's view of one QUIC connection (`edge.base.EdgeConnection`)."""
 
     def __init__(self, protocol: _HubProtocol, max_payload: int) -> None:
         self._protocol = protocol
         self._max_payload = max_payload
-        self._send, self._receive = trio.open_memory_channel[str](RECEIVE_BUFFER)
+        self._inbox = _Inbox(RECEIVE_BUFFER)
         self._identified = trio.Event()
         self._node_id = ""
         self._project_id = ""
         self._send_stream: int | None = None
-        self.closed = False
-        self.close_reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return self._inbox.closed
 
     @property
     def node_id(self) -> str:
@@ -463,31 +503,20 @@ class QuicEdgeConnection:
         await self._identified.wait()
 
     def received(self, message: Message) -> None:
-        try:
-            self._send.send_nowait(codec.encode(message))
-        except trio.WouldBlock:
+        if not self._inbox.put(message):
             self._protocol._refuse(ERROR_PROTOCOL, "edge sends faster than the hub reads")
-        except trio.ClosedResourceError:
-            pass
 
     def terminated(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self.close_reason = reason
-            self._send.close()
+        if self._inbox.close(reason):
             self._identified.set()
 
     # EdgeConnection
 
     async def receive(self) -> str | bytes:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise EdgeDisconnected(self.close_reason or "closed") from None
+        return await self._inbox.receive()
 
     async def send(self, text: str) -> None:
-        if self.closed:
-            raise EdgeDisconnected(self.close_reason or "closed")
+        self._inbox.check_open()
         try:
             message = codec.decode(text, self._max_payload)
             data = pack(message, max_payload=self._max_payload)
@@ -502,8 +531,7 @@ class QuicEdgeConnection:
         # aioquic signals no acknowledgement event: poll while too much is in flight.
         while protocol.unacknowledged(stream) > SEND_BUFFER and not self.closed:  # noqa: ASYNC110
             await trio.sleep(SEND_POLL)
-        if self.closed:
-            raise EdgeDisconnected(self.close_reason or "closed")
+        self._inbox.check_open()
 
     async def aclose(self, reason: str = "") -> None:
         if self.closed:
@@ -556,12 +584,18 @@ class QuicClientConnection:
         self._protocol = protocol
         self._max_payload = max_payload
         self.streams = _Streams(max_payload)
-        self._send, self._receive = trio.open_memory_channel[str](math.inf)
+        self._inbox = _Inbox(math.inf)  # the test or simulator reads it
         self._answered = trio.Event()
         self.header_answer = ""
         self._data_stream: int | None = None
-        self.closed = False
-        self.close_reason = ""
+
+    @property
+    def closed(self) -> bool:
+        return self._inbox.closed
+
+    @property
+    def close_reason(self) -> str:
+        return self._inbox.close_reason
 
     async def handshake(self, node_id: str, project_id: str) -> None:
         """Send the header on a new control stream; QuicHeaderRefused unless `ack`."""
@@ -582,25 +616,18 @@ class QuicClientConnection:
             self._answered.set()
 
     def received(self, message: Message) -> None:
-        self._send.send_nowait(codec.encode(message))
+        self._inbox.put(message)
 
     def terminated(self, reason: str) -> None:
-        if not self.closed:
-            self.closed = True
-            self.close_reason = reason
-            self._send.close()
+        if self._inbox.close(reason):
             self._answered.set()
 
     async def receive(self) -> str:
-        try:
-            return await self._receive.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise EdgeDisconnected(self.close_reason or "closed") from None
+        return await self._inbox.receive()
 
     async def send(self, text: str) -> None:
         """One message on the edge's data stream (opened with use type `msg` on first use)."""
-        if self.closed:
-            raise EdgeDisconnected(self.close_reason or "closed")
+        self._inbox.check_open()
         quic = self._protocol._quic
         if self._data_stream is None:
             self._data_stream = quic.get_next_available_stream_id()
@@ -706,8 +733,8 @@ async def open_quic_client(
     send_header: bool = True,
 ) -> AsyncIterator[QuicClientConnection]:
     """`connect_quic` in a runtime of its own (one edge; fleets share one runtime)."""
-    configuration = quic_client_configuration(
-        host, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem
+    configuration = await trio.to_thread.run_sync(
+        partial(quic_client_configuration, host, ca_pem=ca_pem, cert_pem=cert_pem, key_pem=key_pem)
     )
     async with (
         quic_runtime(),

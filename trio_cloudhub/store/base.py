@@ -10,6 +10,7 @@ writes are queued and persisted in the background.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -36,7 +37,51 @@ class StoreError(Exception):
     """The cloud side failed (database, API server); the hub logs it and keeps serving."""
 
 
+class ChangeLag:
+    """How far a store is behind the changes it has seen (the store lag metrics).
+
+    A store calls `seen()` when it notices a change (a manifest scan that found changed
+    files, an informer event), `sending()` when it starts handing the changes seen so far to
+    the hub, and `handed_over()` once their messages are in the hub's node queues. `behind()`
+    is the age of the oldest change seen and not handed over: it keeps growing across failed
+    attempts (a database write that keeps failing), which is what an alert wants to see.
+    Changes seen while a batch is being handed over wait for the next one.
+    """
+
+    __slots__ = ("_batch", "_clock", "_since", "last_seconds")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since: float | None = None  # oldest change not yet in a batch
+        self._batch: float | None = None  # oldest change of the batch being handed over
+        self.last_seconds = 0.0  # seen -> handed over, for the last batch handed over
+
+    def seen(self) -> None:
+        if self._since is None:
+            self._since = self._clock()
+
+    def sending(self) -> None:
+        if self._batch is None:  # else an unfinished batch is sent again: keep its age
+            self._batch = self._since
+        self._since = None
+
+    def handed_over(self) -> None:
+        if self._batch is not None:
+            self.last_seconds = self._clock() - self._batch
+            self._batch = None
+
+    def clear(self) -> None:
+        """Forget what was seen (e.g. the initial list, which is no change to hand over)."""
+        self._since = self._batch = None
+
+    def behind(self) -> float:
+        oldest = self._batch if self._batch is not None else self._since
+        return 0.0 if oldest is None else self._clock() - oldest
+
+
 class CloudStore(Protocol):
+    change_lag: ChangeLag  # for the store lag metrics
+
     async def run(
         self,
         deliver: Deliver,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -52,7 +51,6 @@ from trio_cloudhub.core.message import (
     Message,
     object_uid,
 )
-from trio_cloudhub.metrics import ChangeLag
 from trio_cloudhub.store.answers import (
     RequestError,
     answer_application,
@@ -63,7 +61,8 @@ from trio_cloudhub.store.answers import (
     report_reply,
     report_rows,
 )
-from trio_cloudhub.store.base import Deliver, Missed, StoreError
+from trio_cloudhub.store.base import ChangeLag, Deliver, Missed, StoreError
+from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.localdb import (
     DB_NAME,
     Database,
@@ -86,6 +85,7 @@ from trio_cloudhub.store.reconcile import (
     AckKey,
     AckPoint,
     missed_on_node,
+    now_ms,
     stub_object,
 )
 from trio_cloudhub.store.routing import (
@@ -93,10 +93,8 @@ from trio_cloudhub.store.routing import (
     Placement,
     Placer,
     StoredObject,
-    is_node_stop,
     plan,
     pod_node,
-    to_message,
 )
 from trio_cloudhub.store.watch import FolderWatch, folder_watch
 
@@ -109,7 +107,6 @@ ACK_FLUSH_BATCH = 500
 ACK_RETRY_DELAY = 1.0
 FINAL_FLUSH_TIMEOUT = 5.0
 MAX_REPORTS_PER_NODE = 10_000
-SEND_BATCH = 256  # messages sent without a checkpoint when the channel has room
 WATCH_DEBOUNCE = 0.02  # after the first change notification, before the scan
 WATCHED_POLL_FACTOR = 20  # fallback poll with inotify: poll_interval times this ...
 WATCHED_POLL_MIN = 5.0  # ... but at least this (seconds)
@@ -450,16 +447,9 @@ class LocalStore:
         return extra
 
     async def _send(self, deliver: Deliver, deliveries: Iterable[Delivery]) -> None:
-        """In order, straight into the hub's node queues; a checkpoint every SEND_BATCH
-        messages so a large change never holds the scheduler for long."""
         self._sending = True
         try:
-            for count, delivery in enumerate(deliveries, start=1):
-                if is_node_stop(delivery):
-                    self._forget_node(delivery.node)
-                deliver(to_message(delivery, _now_ms()))
-                if count % SEND_BATCH == 0:
-                    await trio.lowlevel.checkpoint()
+            await hand_over(deliveries, deliver, self._forget_node)
         finally:
             self._sending = False
             self._sends_done += 1
@@ -567,7 +557,7 @@ class LocalStore:
         if not is_report(message):
             log.debug("node %s: nothing to do for %s", node_id, message.route)
             return None
-        now = _now_ms()
+        now = now_ms()
         try:
             rows = report_rows(node_id, message, now)
         except RequestError as exc:
@@ -584,7 +574,7 @@ class LocalStore:
         return report_reply(node_id, message, now)
 
     async def answer_query(self, node_id: str, message: Message) -> Message | None:
-        now = _now_ms()
+        now = now_ms()
         if is_application(message):
             try:
                 return answer_application(node_id, message, self._objects, self._rv, now)
@@ -652,7 +642,3 @@ def _final(obj: StoredObject, rv: int) -> StoredObject:
     metadata = dict(obj.body.get("metadata", {}))
     metadata["resourceVersion"] = str(rv)
     return attrs.evolve(obj, rv=rv, body=obj.body | {"metadata": metadata})
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -29,7 +29,7 @@ from trio_cloudhub.core.message import (
     split_cloud_resource,
 )
 from trio_cloudhub.core.rules import Downstream, classify_downstream
-from trio_cloudhub.store.base import Deliver, Missed
+from trio_cloudhub.store.base import ChangeLag, Deliver, Missed
 
 
 class MemoryStore:
@@ -44,6 +44,7 @@ class MemoryStore:
         self._last_acked: dict[tuple[str, str], Message] = {}
         self._deliver: Deliver | None = None
         self._initial: list[Message] = []
+        self.change_lag = ChangeLag()  # never behind: changes are delivered as published
 
     def preload(self, *messages: Message) -> None:
         """Messages sent as the initial desired state when `run` starts."""

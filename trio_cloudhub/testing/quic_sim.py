@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 import trio
 
@@ -27,7 +28,6 @@ from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.quic import (
     ClientConfiguration,
     connect_quic,
-    open_quic_client,
     quic_client_configuration,
     quic_runtime,
 )
@@ -47,29 +47,31 @@ async def open_sim_quic_edge(
     connect_timeout: float = 10.0,
 ) -> AsyncIterator[SimEdge]:
     """A connected QUIC edge running for the duration of the block."""
-    async with open_quic_client(
-        host,
-        port,
-        ca_pem=identity.ca_pem,
-        cert_pem=identity.cert_pem,
-        key_pem=identity.key_pem,
-        node_id=node_id,
-        project_id=project_id,
-        connect_timeout=connect_timeout,
-    ) as connection:
-        edge = SimEdge(
-            connection,
+    configuration = await trio.to_thread.run_sync(
+        partial(
+            quic_client_configuration,
+            host,
+            ca_pem=identity.ca_pem,
+            cert_pem=identity.cert_pem,
+            key_pem=identity.key_pem,
+        )
+    )
+    async with quic_runtime(), trio.open_nursery() as nursery:
+        edge = await start_sim_quic_edge(
+            nursery,
+            host,
+            port,
+            configuration,
             node_id,
             project_id,
             auto_ack=auto_ack,
             keepalive_interval=keepalive_interval,
+            connect_timeout=connect_timeout,
         )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(edge.run)
-            try:
-                yield edge
-            finally:
-                nursery.cancel_scope.cancel()
+        try:
+            yield edge
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def start_sim_quic_edge(
@@ -128,8 +130,14 @@ async def open_quic_fleet(
     """`edge_sim.open_fleet` over QUIC: `count` edges named `<prefix><start>`… with one
     shared identity, at most `concurrency` handshakes in flight, all in one trio-asyncio
     loop; failures are recorded in `fleet.failures`, not raised."""
-    configuration = quic_client_configuration(
-        host, ca_pem=identity.ca_pem, cert_pem=identity.cert_pem, key_pem=identity.key_pem
+    configuration = await trio.to_thread.run_sync(
+        partial(
+            quic_client_configuration,
+            host,
+            ca_pem=identity.ca_pem,
+            cert_pem=identity.cert_pem,
+            key_pem=identity.key_pem,
+        )
     )
 
     async def start_one(nursery: trio.Nursery, node_id: str) -> SimEdge:

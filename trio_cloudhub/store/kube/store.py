@@ -35,9 +35,9 @@ from typing import Any
 import trio
 
 from trio_cloudhub.core.message import OP_DELETE, Message, object_uid
-from trio_cloudhub.metrics import ChangeLag
 from trio_cloudhub.store.answers import RequestError, answer_application, is_application
-from trio_cloudhub.store.base import Deliver, Missed
+from trio_cloudhub.store.base import ChangeLag, Deliver, Missed
+from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.kube.acks import (
     CLUSTER_OBJECT_SYNCS,
     GROUP,
@@ -56,10 +56,8 @@ from trio_cloudhub.store.routing import (
     Delivery,
     Placer,
     StoredObject,
-    is_node_stop,
     plan,
     pod_node,
-    to_message,
 )
 
 log = logging.getLogger("trio_cloudhub.kube")
@@ -67,7 +65,6 @@ log = logging.getLogger("trio_cloudhub.kube")
 EDGE_LABEL = "node-role.kubernetes.io/edge"
 MAX_CA_BYTES = 64 * 1024
 BATCH_DELAY = 0.005  # after the first event of a batch, for the events that follow it
-SEND_BATCH = 256  # messages handed to the hub between checkpoints
 # Threads for API writes. Few: each runnable thread competes with the event loop for the GIL,
 # and 4 already keep hundreds of small requests a second in flight (bench.kube_fanout: 16
 # threads took 34-38 s to deliver 10,000 objects, 4 took 13 s).
@@ -92,6 +89,7 @@ class KubeStore:
         self._custom = client.CustomObjectsApi(api_client)
         self.rate_limiter = rate_limiter
         self._ca_file = str(api_client.configuration.ssl_ca_cert or "")
+        self._api_server_ca = ""
         # Each watch holds a thread for its whole stream: informers get their own threads.
         self._watch_threads = trio.CapacityLimiter(len(INFORMER_KINDS) + 2)
         self._write_threads = trio.CapacityLimiter(write_threads)
@@ -153,6 +151,7 @@ class KubeStore:
     ) -> None:
         """Sync every informer, report started, then deliver changes until cancelled."""
         self._deliver = deliver
+        self._api_server_ca = await trio.to_thread.run_sync(self._read_api_server_ca)
         handlers = self._handlers()
         async with trio.open_nursery() as nursery:
             for kind, informer in self.informers.items():
@@ -287,12 +286,7 @@ class KubeStore:
     async def _send(self, deliver: Deliver, deliveries: list[Delivery]) -> None:
         self._sending = True
         try:
-            for count, delivery in enumerate(deliveries, start=1):
-                if is_node_stop(delivery):
-                    self.acks.forget_node(delivery.node)
-                deliver(to_message(delivery, now_ms()))
-                if count % SEND_BATCH == 0:
-                    await trio.lowlevel.checkpoint()
+            await hand_over(deliveries, deliver, self.acks.forget_node)
             self.change_lag.handed_over()
         finally:
             self._sending = False
@@ -337,7 +331,11 @@ class KubeStore:
         return max(rv_number(informer.resource_version) for informer in self.informers.values())
 
     def api_server_ca(self) -> str:
-        """The CA the client trusts the API server with (kubeconfig or in-cluster)."""
+        """The CA the client trusts the API server with (kubeconfig or in-cluster), as read
+        when `run` started."""
+        return self._api_server_ca
+
+    def _read_api_server_ca(self) -> str:
         path = self._ca_file
         if not path:
             return ""
