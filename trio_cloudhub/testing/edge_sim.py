@@ -3,8 +3,11 @@
 - `bootstrap()` does EdgeCore's certificate bootstrap over HTTPS: `/ca.crt` checked against the
   join token, then a CSR signed through `/edge.crt`.
 - `open_sim_edge()` connects one edge over WSS with EdgeCore's headers, sends a keepalive at
-  once and then every `keepalive_interval`, records what the cloud sends and, like EdgeCore's
-  meta manager, ACKs the cloud's `insert`/`update`/`delete` messages.
+  once and then every `keepalive_interval`, records what the cloud sends and applies it to a
+  model of EdgeCore's metaManager database (`edge_storage.MetaStore`, v1.10 or v1.23 rules),
+  answering as that line does ("OK" ACKs, or nothing); `edge.storage` is what a real edge of
+  that line would now hold. Pass the same store to every connection of one edge: a restarted
+  EdgeCore keeps its database.
 - `open_fleet()` runs many edges in one process; `python -m trio_cloudhub.testing.edge_sim fleet`
   does so from the command line and prints one JSON line of figures (used by `bench/`).
 
@@ -56,6 +59,7 @@ from trio_cloudhub.core.message import (
 )
 from trio_cloudhub.edge.base import EdgeDisconnected
 from trio_cloudhub.edge.websocket import connect_websocket
+from trio_cloudhub.testing.edge_storage import EDGECORE_LINES, V1_23, MetaStore
 
 logger = logging.getLogger(__name__)
 
@@ -293,8 +297,10 @@ class SimEdge:
         *,
         auto_ack: bool,
         keepalive_interval: float,
+        storage: MetaStore | None = None,
     ) -> None:
         self.connection = connection
+        self.storage = storage if storage is not None else MetaStore()
         self.node_id = node_id
         self.project_id = project_id
         self.auto_ack = auto_ack
@@ -343,10 +349,18 @@ class SimEdge:
             raise EdgeDisconnected("undecodable frame from the cloud") from None
         self.received.append(Received(message, trio.current_time()))
         self._wake()
-        if self.auto_ack and needs_ack(message, self._pending_queries):
-            self._pending_queries.discard(message.header.parent_msg_id)
-            await self.send_message(response_to(message, "OK", _now_ms()))
-            self.acks_sent += 1
+        parent = message.header.parent_msg_id
+        if parent in self._pending_queries:
+            # metaManager's remote query: the answer is stored, then acknowledged.
+            self._pending_queries.discard(parent)
+            self.storage.store_answer(message.route.resource, message.content)
+            reply: Message | None = response_to(message, "OK", _now_ms())
+        else:
+            reply = self.storage.handle(message, _now_ms())
+        if self.auto_ack and reply is not None:
+            await self.send_message(reply)
+            if reply.route.operation == OP_RESPONSE:
+                self.acks_sent += 1
 
     def _wake(self) -> None:
         self._changed.set()
@@ -453,8 +467,12 @@ async def start_sim_edge(
     headers: Sequence[tuple[str, str]] | None = None,
     path: str | None = None,
     connect_timeout: float = 30.0,
+    storage: MetaStore | None = None,
 ) -> SimEdge:
-    """Connect one edge and run it in `nursery` (its connection is closed when the task ends)."""
+    """Connect one edge and run it in `nursery` (its connection is closed when the task ends).
+
+    `storage` is the edge's database (a new v1.23 one when not given); pass the previous
+    connection's `edge.storage` to reconnect an edge that kept its database."""
     context = identity if isinstance(identity, ssl.SSLContext) else identity.client_ssl_context()
     with trio.fail_after(connect_timeout):
         connection = await connect_websocket(
@@ -472,6 +490,7 @@ async def start_sim_edge(
         project_id,
         auto_ack=auto_ack,
         keepalive_interval=keepalive_interval,
+        storage=storage,
     )
     nursery.start_soon(_run_and_close, edge)
     return edge
@@ -498,6 +517,7 @@ async def open_sim_edge(
     headers: Sequence[tuple[str, str]] | None = None,
     path: str | None = None,
     connect_timeout: float = 30.0,
+    storage: MetaStore | None = None,
 ) -> AsyncIterator[SimEdge]:
     """A connected edge for the duration of the block; on exit TCP is closed like EdgeCore."""
     async with trio.open_nursery() as nursery:
@@ -513,6 +533,7 @@ async def open_sim_edge(
             headers=headers,
             path=path,
             connect_timeout=connect_timeout,
+            storage=storage,
         )
         try:
             yield edge
@@ -558,9 +579,11 @@ async def open_fleet(
     auto_ack: bool = True,
     keepalive_interval: float = 15.0,
     connect_timeout: float = 30.0,
+    edgecore: str = V1_23,
 ) -> AsyncIterator[Fleet]:
     """`count` edges named `<prefix><start>`… connected with at most `concurrency` handshakes
-    in flight; failures are recorded in `fleet.failures`, not raised."""
+    in flight, each storing what it receives under the `edgecore` line's rules; failures are
+    recorded in `fleet.failures`, not raised."""
     shared: ssl.SSLContext | None = None
     if isinstance(identity, EdgeIdentity):
         shared = identity.client_ssl_context()  # one context for all: far less memory
@@ -583,6 +606,7 @@ async def open_fleet(
             auto_ack=auto_ack,
             keepalive_interval=keepalive_interval,
             connect_timeout=connect_timeout,
+            storage=MetaStore(edgecore),
         )
 
     names = [f"{prefix}{index}" for index in range(start, start + count)]
@@ -684,7 +708,13 @@ def _parser() -> argparse.ArgumentParser:
     fleet.add_argument("--concurrency", type=int, default=50)
     fleet.add_argument("--keepalive", type=float, default=15.0)
     fleet.add_argument("--no-ack", action="store_true")
-    fleet.add_argument("--legacy-v110", action="store_true")
+    fleet.add_argument("--legacy-v110", action="store_true", help="v1.10's CSR subject")
+    fleet.add_argument(
+        "--edgecore",
+        choices=EDGECORE_LINES,
+        default=V1_23,
+        help="whose metaManager storage rules the edges follow",
+    )
     fleet.add_argument(
         "--per-edge-certs", action="store_true", help="bootstrap a certificate for every edge"
     )
@@ -730,6 +760,7 @@ async def _run_fleet_command(args: argparse.Namespace) -> dict[str, Any]:
         concurrency=args.concurrency,
         auto_ack=not args.no_ack,
         keepalive_interval=args.keepalive,
+        edgecore=args.edgecore,
     ) as fleet:
         print(
             json.dumps({"event": "connected", "connected": len(fleet.edges)}),

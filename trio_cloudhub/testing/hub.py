@@ -21,6 +21,7 @@ from trio_cloudhub.edge.base import EdgeConnection
 from trio_cloudhub.edge.memory import HubDisconnected, MemoryEdgeEnd, memory_connection_pair
 from trio_cloudhub.hub.hub import Hub, HubSettings
 from trio_cloudhub.store.base import CloudStore
+from trio_cloudhub.testing.edge_storage import MetaStore
 from trio_cloudhub.testing.memory_store import MemoryStore
 
 
@@ -131,12 +132,15 @@ async def open_test_hub(
 
 @attrs.define
 class EdgeState:
-    """What an edge holds after applying what it received, as EdgeCore's metamanager does.
+    """What an edge received, and what it holds.
 
-    `objects` maps uid -> newest resourceVersion held; a delete removes the uid. `duplicates`
+    `storage` is the edge's database under one EdgeCore line's rules (`edge_storage`): what a
+    real edge would hold, and what it answers. `objects` maps uid -> newest resourceVersion
+    received (a delete removes the uid), whatever the storage rules made of it. `duplicates`
     counts ACK-mode messages for a (uid, resourceVersion) the edge had already ACKed.
     """
 
+    storage: MetaStore = attrs.field(factory=MetaStore)
     objects: dict[str, int] = attrs.field(factory=dict)
     received: list[Message] = attrs.field(factory=list)
     acked: set[tuple[str, str, str]] = attrs.field(factory=set)  # (uid, rv, operation)
@@ -167,7 +171,8 @@ async def run_auto_ack_edge(
     keepalive_interval: float = 15.0,
     ack: Callable[[Message], bool] = lambda message: True,
 ) -> None:
-    """Keep alive, receive, apply and ACK (when `ack` says so) until the hub hangs up."""
+    """Keep alive, receive, apply to `state` and answer as its storage model does (unless
+    `ack` says not to) until the hub hangs up."""
 
     async def keep_alive() -> None:
         while True:
@@ -178,8 +183,9 @@ async def run_auto_ack_edge(
         while True:
             message = codec.decode(await edge.receive())
             state.apply(message)
-            if object_uid(message.content) and ack(message):
-                await edge.send(codec.encode(ack_for(message)))
+            reply = state.storage.handle(message)
+            if reply is not None and reply.operation == "response" and ack(message):
+                await edge.send(codec.encode(reply))
                 state.acked.add(
                     (
                         object_uid(message.content),

@@ -32,6 +32,7 @@ from trio_cloudhub.edge.quic import (
     quic_runtime,
 )
 from trio_cloudhub.testing.edge_sim import EdgeIdentity, Fleet, SimEdge, run_fleet
+from trio_cloudhub.testing.edge_storage import V1_23, MetaStore
 
 
 @asynccontextmanager
@@ -45,6 +46,7 @@ async def open_sim_quic_edge(
     auto_ack: bool = True,
     keepalive_interval: float = 15.0,
     connect_timeout: float = 10.0,
+    storage: MetaStore | None = None,
 ) -> AsyncIterator[SimEdge]:
     """A connected QUIC edge running for the duration of the block."""
     configuration = await trio.to_thread.run_sync(
@@ -67,6 +69,7 @@ async def open_sim_quic_edge(
             auto_ack=auto_ack,
             keepalive_interval=keepalive_interval,
             connect_timeout=connect_timeout,
+            storage=storage,
         )
         try:
             yield edge
@@ -85,6 +88,7 @@ async def start_sim_quic_edge(
     auto_ack: bool = True,
     keepalive_interval: float = 15.0,
     connect_timeout: float = 10.0,
+    storage: MetaStore | None = None,
 ) -> SimEdge:
     """Connect one QUIC edge and run it in `nursery` (inside a trio-asyncio loop); its
     connection is closed when the task ends. Connection failures are raised here."""
@@ -104,6 +108,7 @@ async def start_sim_quic_edge(
                 project_id,
                 auto_ack=auto_ack,
                 keepalive_interval=keepalive_interval,
+                storage=storage,
             )
             task_status.started(edge)
             await edge.run()
@@ -126,6 +131,7 @@ async def open_quic_fleet(
     auto_ack: bool = True,
     keepalive_interval: float = 15.0,
     connect_timeout: float = 30.0,
+    edgecore: str = V1_23,
 ) -> AsyncIterator[Fleet]:
     """`edge_sim.open_fleet` over QUIC: `count` edges named `<prefix><start>`… with one
     shared identity, at most `concurrency` handshakes in flight, all in one trio-asyncio
@@ -151,6 +157,7 @@ async def open_quic_fleet(
             auto_ack=auto_ack,
             keepalive_interval=keepalive_interval,
             connect_timeout=connect_timeout,
+            storage=MetaStore(edgecore),
         )
 
     names = [f"{prefix}{index}" for index in range(start, start + count)]
