@@ -11,6 +11,7 @@ from trio_cloudhub.core.message import Header, Message, Route, new_message
 from trio_cloudhub.core.rules import (
     Downstream,
     Upstream,
+    as_sent_to,
     classify_downstream,
     classify_upstream,
     control_reply,
@@ -317,3 +318,36 @@ def test_vector_acks_answer_cloud_messages() -> None:
             sent.add(message.msg_id)
         elif classify_upstream(message) is Upstream.ACK:
             assert message.header.parent_msg_id in sent
+
+
+def _object_insert() -> Message:
+    return new_message(
+        source="edgecontroller",
+        group="resource",
+        operation="insert",
+        resource="node/n1/default/configmap/cfg",
+        content={"metadata": {"uid": "u1", "resourceVersion": "5"}},
+        now_ms=0,
+        resource_version="5",
+    )
+
+
+@pytest.mark.parametrize(
+    ("acked", "operation"), [(None, "insert"), ("0", "update"), ("4", "update")]
+)
+def test_an_insert_of_what_the_node_may_hold_goes_as_update(
+    acked: str | None, operation: str
+) -> None:
+    message = _object_insert()
+    sent = as_sent_to(message, acked)
+    assert sent.operation == operation
+    assert (sent.msg_id, sent.resource, sent.content) == (
+        message.msg_id,
+        message.resource,
+        message.content,
+    )
+
+
+def test_only_inserts_change_operation() -> None:
+    message = _object_insert().with_operation("delete")
+    assert as_sent_to(message, "4") is message

@@ -82,6 +82,9 @@ class Message:
     def with_resource(self, resource: str) -> Message:
         return attrs.evolve(self, route=attrs.evolve(self.route, resource=resource))
 
+    def with_operation(self, operation: str) -> Message:
+        return attrs.evolve(self, route=attrs.evolve(self.route, operation=operation))
+
     def is_empty(self) -> bool:
         """The message a v1.23 EdgeCore sends on shutdown: no id, no route, no content."""
         return not self.header.msg_id and self.route == Route() and self.content is None

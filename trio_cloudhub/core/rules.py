@@ -27,6 +27,7 @@ from trio_cloudhub.core.message import (
     OP_APPLICATION_RESPONSE,
     OP_DELETE,
     OP_ERROR,
+    OP_INSERT,
     OP_KEEPALIVE,
     OP_QUERY,
     OP_RESPONSE,
@@ -119,6 +120,21 @@ def classify_downstream(message: Message) -> Downstream:
     if message.route.group != GROUP_RESOURCE:
         return Downstream.DROP
     return Downstream.ACK
+
+
+def as_sent_to(message: Message, acked_version: str | None) -> Message:
+    """The operation an ACK-mode message goes out with, by what the node may already hold.
+
+    An `insert` of an object the node has an ack point for (acknowledged, or only the "sent"
+    marker "0": it may have stored it without its ACK reaching us) goes as `update`:
+    EdgeCore v1.10 stores an insert with a plain INSERT and treats a duplicate key as
+    success, so an insert of a newer version would be answered "OK" and never stored, while
+    an update is insert-or-replace in every EdgeCore line. `insert` stays for objects the
+    node was never sent (CloudCore's sync controller decides the same way).
+    """
+    if message.operation == OP_INSERT and acked_version is not None:
+        return message.with_operation(OP_UPDATE)
+    return message
 
 
 def is_to_edge(message: Message) -> bool:

@@ -19,8 +19,8 @@ import trio
 
 from trio_cloudhub.core import codec
 from trio_cloudhub.core.delivery import Acked, Delivery, Send, WaitUntil
-from trio_cloudhub.core.message import Message, trim_for_edge
-from trio_cloudhub.core.rules import Upstream, classify_upstream, control_reply
+from trio_cloudhub.core.message import Message, object_uid, trim_for_edge
+from trio_cloudhub.core.rules import Upstream, as_sent_to, classify_upstream, control_reply
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle
 
@@ -131,12 +131,15 @@ class NodeSession(NodeSessionHandle):
                 # Drain lets in-flight sends finish but starts no new one.
                 self.entry.queue.release(message)
                 break
+            store = self.hub.store
+            acked = store.acked_version(self.node_id, object_uid(message.content))
+            message = as_sent_to(message, acked)  # an insert of what the node may hold: update
             self.start_flight(message)
-            self.hub.store.record_sent(self.node_id, message)
+            store.record_sent(self.node_id, message)
             if await self._deliver(message):
                 self.end_flight()
                 self.entry.queue.acked(message)
-                self.hub.store.record_ack(self.node_id, message)
+                store.record_ack(self.node_id, message)
             else:
                 self.end_flight()
                 self.entry.queue.failed(message, trio.current_time())

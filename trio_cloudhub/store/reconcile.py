@@ -3,10 +3,10 @@
 An ack point (KubeEdge's ObjectSync) is the resourceVersion a node acknowledged for an object,
 or `SENT_RV` ("0") when the object was sent but never acknowledged. Comparing a node's ack
 points with what is placed on it gives the messages that take the node to the desired state:
-an insert for an object without an ack point (or only "0"), an update for an older one, a
-delete for an ack point whose object is gone or no longer meant for the node (rebuilt from
-the ack point alone when the object itself is gone). A node's own Node object going away is a
-node stop, never a reconciliation.
+an insert for an object without an ack point, an update for an older one or one only marked
+sent ("0": the node may hold it), a delete for an ack point whose object is gone or no longer
+meant for the node (rebuilt from the ack point alone when the object itself is gone), deletes
+first. A node's own Node object going away is a node stop, never a reconciliation.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ import attrs
 from trio_cloudhub.core.message import OP_DELETE, OP_INSERT, OP_UPDATE, split_cloud_resource
 from trio_cloudhub.store.base import Missed
 from trio_cloudhub.store.manifests import ObjectKey
-from trio_cloudhub.store.routing import KINDS_BY_TYPE, Delivery, StoredObject, to_message
+from trio_cloudhub.store.routing import (
+    KINDS_BY_TYPE,
+    Delivery,
+    StoredObject,
+    in_delivery_order,
+    to_message,
+)
 
 SENT_RV = "0"  # the ack point of an object sent but never acknowledged (ObjectSync's "0")
 MAX_RV_DIGITS = 20
@@ -57,20 +63,23 @@ def missed_deliveries(
         obj = objects.get(key)
         if obj is not None:
             desired[obj.uid] = obj
-    deliveries: list[Delivery] = []
+    upserts: list[Delivery] = []
     for uid, obj in desired.items():
         point = points.get(uid)
-        if point is None or point.rv == SENT_RV:
-            deliveries.append(Delivery(node_id, OP_INSERT, obj))
-        elif rv_number(point.rv) < obj.rv:
-            deliveries.append(Delivery(node_id, OP_UPDATE, obj))
+        if point is None:
+            upserts.append(Delivery(node_id, OP_INSERT, obj))
+        elif rv_number(point.rv) < obj.rv:  # also "0": the node may hold it (see as_sent_to)
+            upserts.append(Delivery(node_id, OP_UPDATE, obj))
+    deletes: list[Delivery] = []
     for uid, point in points.items():
         if uid in desired:
             continue
         gone = find_uid(uid) or stub_object(uid, point)
         if gone is not None and gone.key.kind != "Node":
-            deliveries.append(Delivery(node_id, OP_DELETE, gone))
-    return deliveries
+            deletes.append(Delivery(node_id, OP_DELETE, gone))
+    # Deletes first: a v1.10 edge deletes by name, so the delete of a pod re-created under
+    # the same name must reach it before the new pod does.
+    return in_delivery_order(deletes, upserts)
 
 
 def missed_on_node(

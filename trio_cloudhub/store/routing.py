@@ -312,6 +312,11 @@ def plan(
             upserts.append(Delivery(node, OP_INSERT, obj))
         elif uid in changed:
             upserts.append(Delivery(node, OP_UPDATE, obj))
+    return in_delivery_order(deletes, upserts)
+
+
+def in_delivery_order(deletes: list[Delivery], upserts: list[Delivery]) -> list[Delivery]:
+    """Deletes (pods first), then upserts (what pods use first), each by node and name."""
     # (kind order, node, namespace, name): the order of ObjectKey, with cheaper comparisons
     deletes.sort(key=lambda d: (_DELETE_ORDER[d.obj.key.kind], d.node, *_name(d.obj.key)))
     upserts.sort(key=lambda d: (_UPSERT_ORDER[d.obj.key.kind], d.node, *_name(d.obj.key)))
