@@ -6,7 +6,9 @@ the same data directory while simulated EdgeCores (`edge_sim`, real mutual TLS o
 reconnect on their own. Every test ends by comparing what each edge holds (its messages
 applied in order, as EdgeCore's meta manager would) with the desired state: the objects the
 test's manifests place on that node, with the content of the newest manifest, at the
-resourceVersion the store's database holds for them. "Accepted" changes are manifest changes
+resourceVersion the store's database holds for them. What an edge holds is its database under
+its EdgeCore line's storage rules (`edge_storage.MetaStore`; the edges alternate v1.10 and
+v1.23), not the last message it received. "Accepted" changes are manifest changes
 the store had read before the fault; none may be lost.
 """
 
@@ -47,6 +49,7 @@ from trio_cloudhub.testing.edge_sim import (
     needs_ack,
     start_sim_edge,
 )
+from trio_cloudhub.testing.edge_storage import V1_10, V1_23, MetaStore
 from trio_cloudhub.testing.hub_process import HOST, HubProcess, hub_process
 
 GEN = "faults/gen"  # annotation: which version of the test's manifests an object comes from
@@ -148,10 +151,13 @@ class Edge:
     RETRY_FIRST doubling to RETRY_CAP while the hub is down). `sessions` holds one SimEdge per
     connection, in order; `messages()` is what arrived over all of them."""
 
-    def __init__(self, hub: HubProcess, context: ssl.SSLContext, node: str) -> None:
+    def __init__(
+        self, hub: HubProcess, context: ssl.SSLContext, node: str, line: str = V1_23
+    ) -> None:
         self.hub = hub
         self.context = context
         self.node = node
+        self.storage = MetaStore(line)  # the edge's database: kept across its connections
         self.sessions: list[SimEdge] = []
         self.auto_ack = True  # for the next connection
         self.connect_failures = 0
@@ -179,6 +185,7 @@ class Edge:
                         self.node,
                         auto_ack=self.auto_ack,
                         connect_timeout=CONNECT_TIMEOUT,
+                        storage=self.storage,
                     )
                     self.sessions.append(sim)
                     if self._paused:
@@ -236,16 +243,9 @@ class Edge:
             if is_object_message(item.message) and needs_ack(item.message, set())
         }
 
-    def holds(self) -> dict[str, Message]:
-        """What EdgeCore's store would hold: the last insert/update per resource, minus
-        deletes."""
-        held: dict[str, Message] = {}
-        for message in self.messages():
-            if message.operation == OP_DELETE:
-                held.pop(message.resource, None)
-            else:
-                held[message.resource] = message
-        return held
+    def holds(self) -> dict[str, Any]:
+        """What EdgeCore's database holds (its line's storage rules): resource -> content."""
+        return dict(self.storage.objects())
 
     def duplicates(self) -> int:
         """Messages received again with the same operation and resourceVersion."""
@@ -257,12 +257,13 @@ def mismatches(edge: Edge, want: Mapping[str, int], versions: Mapping[str, int])
     held = edge.holds()
     problems: list[str] = []
     for resource, gen in sorted(want.items()):
-        message = held.get(resource)
-        if message is None:
+        content = held.get(resource)
+        if content is None:
             problems.append(f"missing {resource}")
             continue
-        rv = int(message.header.resource_version or 0)
-        held_gen = message.content.get("metadata", {}).get("annotations", {}).get(GEN)
+        metadata = content.get("metadata", {})
+        rv = int(metadata.get("resourceVersion") or 0)
+        held_gen = metadata.get("annotations", {}).get(GEN)
         if held_gen != str(gen):
             problems.append(f"{resource} has gen {held_gen}, want {gen}")
         elif rv != versions.get(resource):
@@ -312,7 +313,12 @@ async def start_edges(
     nursery: trio.Nursery, hub: HubProcess, nodes: Sequence[str], *, auto_ack: bool = True
 ) -> list[Edge]:
     token = await hub.token()
-    edges = [Edge(hub, await node_context(hub, node, token), node) for node in nodes]
+    # Both EdgeCore lines' storage rules, alternately.
+    lines = [V1_10 if index % 2 == 0 else V1_23 for index in range(len(nodes))]
+    edges = [
+        Edge(hub, await node_context(hub, node, token), node, line)
+        for node, line in zip(nodes, lines, strict=True)
+    ]
     for edge in edges:
         edge.auto_ack = auto_ack
         nursery.start_soon(edge.run)
@@ -536,7 +542,7 @@ async def test_deletes_while_the_hub_is_down_reach_the_edges(tmp_path: Path, sto
                 assert {m.resource for m in after} == gone
                 for message in after:  # the deletes name the objects the edge holds
                     assert object_uid(message.content) == object_uid(
-                        held[edge.node][message.resource].content
+                        held[edge.node][message.resource]
                     )
                     assert seen_key(message) not in acked[edge.node]
             no_errors_logged(hub)

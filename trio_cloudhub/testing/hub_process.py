@@ -75,9 +75,11 @@ def hub_config(
     *,
     cloud_hub: Mapping[str, Any] | None = None,
     trio_cloud_hub: Mapping[str, Any] | None = None,
+    top: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A CloudCore config on `HOST` with fixed ports; `cloud_hub` / `trio_cloud_hub` add or
-    replace keys of `modules.cloudHub` / `trioCloudHub`."""
+    replace keys of `modules.cloudHub` / `trioCloudHub`, `top` top-level sections (such as
+    `kubeAPIConfig`)."""
     hub: dict[str, Any] = {
         "advertiseAddress": [HOST],
         "tlsCAFile": str(pki / "rootCA.crt"),
@@ -98,6 +100,7 @@ def hub_config(
         "commonConfig": {"monitorServer": {"bindAddress": f"{HOST}:0"}},
         "modules": {"cloudHub": hub},
         "trioCloudHub": extra,
+        **(top or {}),
     }
 
 
@@ -111,6 +114,7 @@ class HubProcess:
         *,
         cloud_hub: Mapping[str, Any] | None = None,
         trio_cloud_hub: Mapping[str, Any] | None = None,
+        top: Mapping[str, Any] | None = None,
         ports: tuple[int, int] | None = None,
     ) -> None:
         self.root = Path(root)
@@ -134,6 +138,7 @@ class HubProcess:
             self.root / "no-pki",
             cloud_hub=cloud_hub,
             trio_cloud_hub=trio_cloud_hub,
+            top=top,
         )
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -249,10 +254,11 @@ async def hub_process(
     *,
     cloud_hub: Mapping[str, Any] | None = None,
     trio_cloud_hub: Mapping[str, Any] | None = None,
+    top: Mapping[str, Any] | None = None,
     start: bool = True,
 ) -> AsyncIterator[HubProcess]:
     """A `HubProcess` in `root`, started unless `start=False`, killed on exit if running."""
-    hub = HubProcess(root, cloud_hub=cloud_hub, trio_cloud_hub=trio_cloud_hub)
+    hub = HubProcess(root, cloud_hub=cloud_hub, trio_cloud_hub=trio_cloud_hub, top=top)
     try:
         if start:
             await hub.start()
