@@ -113,12 +113,10 @@ def test_corrupt_stored_ca_is_an_error_not_replaced(tmp_path: Path) -> None:
 def test_ssl_contexts(tmp_path: Path) -> None:
     credentials = prepare_credentials(make_config(tmp_path), tmp_path / "data", now=NOW)
     websocket = credentials.websocket_ssl_context()
-    https = credentials.https_ssl_context()
     assert websocket.verify_mode == ssl.CERT_REQUIRED
-    assert https.verify_mode == ssl.CERT_OPTIONAL
-    for context in (websocket, https):
-        assert context.minimum_version == ssl.TLSVersion.TLSv1_2
-        assert context.get_ca_certs(binary_form=True) == [credentials.ca_der]
+    assert websocket.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert websocket.get_ca_certs(binary_form=True) == [credentials.ca_der]
+    # Port 10002's context is exercised by real handshakes in tests/http/test_http_server.py.
 
 
 def test_current_token(tmp_path: Path) -> None:

@@ -29,12 +29,30 @@ TIMEOUT = 20
 
 
 @attrs.define
+class Nodes:
+    """The cloud side's answers about nodes, as the service sees them."""
+
+    known: set[str] = attrs.field(factory=set)
+    joined: list[str] = attrs.field(factory=list)
+    failing: bool = False
+
+    def node_known(self, name: str) -> bool:
+        if self.failing:
+            raise RuntimeError("the store is away")
+        return name in self.known
+
+    async def node_joined(self, name: str) -> None:
+        self.joined.append(name)
+
+
+@attrs.define
 class Hub:
     port: int
     credentials: HubCredentials
     keeper: TokenKeeper
     tmp_path: Path
     ready: bool = True
+    nodes: Nodes = attrs.field(factory=Nodes)
 
 
 @attrs.frozen
@@ -63,7 +81,14 @@ async def hub(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Hub]:
     keeper = new_token_keeper(credentials, config)
     state = Hub(0, credentials, keeper, tmp_path)
     state.port = await nursery.start(
-        partial(serve_https, credentials, keeper, config, ready_check=lambda: state.ready)
+        partial(
+            serve_https,
+            credentials,
+            keeper,
+            config,
+            ready_check=lambda: state.ready,
+            nodes=state.nodes,
+        )
     )
     yield state
 
@@ -336,16 +361,46 @@ async def test_rotation_cannot_request_another_node(hub: Hub) -> None:
         assert reply.body.startswith(b"certificate request subject")
 
 
-async def test_client_cert_from_another_ca_fails_tls(hub: Hub) -> None:
+async def test_client_cert_from_another_ca_is_401(hub: Hub) -> None:
+    """Go's RequestClientCert: TLS takes any certificate, the handler refuses it (item 48)."""
     with trio.fail_after(TIMEOUT):
         other = certs.generate_ca(datetime.now(UTC))
         der, key = make_csr()
         cert = csr.sign_csr(csr.parse_csr(der), other, datetime.now(UTC), 365)
         client = save_client_cert(hub.tmp_path, cert, key)
-        # CERT_OPTIONAL verifies a presented certificate: refused at the handshake (Go: 401).
-        with pytest.raises(OSError):
-            await fetch(hub, "/edge.crt", cert=client, body=der, headers={"NodeName": "edge-1"})
+        reply = await fetch(
+            hub,
+            "/edge.crt",
+            cert=client,
+            body=der,
+            headers={**bearer(hub.keeper.token), "NodeName": "edge-1"},
+        )
+        assert (reply.status, reply.body) == (
+            401,
+            b"client certificate is not signed by the hub CA",
+        )
+        # The same foreign certificate may still fetch the CA (no authentication there).
+        assert (await fetch(hub, "/ca.crt", cert=client)).status == 200
         assert (await fetch(hub, "/livez")).status == 200
+
+
+@pytest.mark.parametrize(
+    ("issued_at", "usages", "reason"),
+    [
+        (datetime.now(UTC) - timedelta(days=400), (2,), b"expired or not yet valid"),
+        (datetime.now(UTC), (1,), b"not valid for client authentication"),
+    ],
+)
+async def test_hub_signed_but_unusable_client_cert_is_401(
+    hub: Hub, issued_at: datetime, usages: tuple[int, ...], reason: bytes
+) -> None:
+    with trio.fail_after(TIMEOUT):
+        der, key = make_csr()
+        cert = csr.sign_csr(csr.parse_csr(der), hub.credentials.ca, issued_at, 365, usages)
+        client = save_client_cert(hub.tmp_path, cert, key)
+        reply = await fetch(hub, "/edge.crt", cert=client, body=der, headers={"NodeName": "edge-1"})
+        assert reply.status == 401
+        assert reason in reply.body
 
 
 async def test_health_and_routing(hub: Hub) -> None:
@@ -362,6 +417,34 @@ async def test_health_and_routing(hub: Hub) -> None:
         assert post.headers["Allow"] == "GET"
         query = await fetch(hub, "/ca.crt?x=1")
         assert query.body == hub.credentials.ca_der
+
+
+async def test_check_node_answers_as_cloudcore(hub: Hub) -> None:
+    """`GET /node/{name}` (keadm join): no authentication, CloudCore's bodies."""
+    with trio.fail_after(TIMEOUT):
+        hub.nodes.known.add("edge-1")
+        found = await fetch(hub, "/node/edge-1")
+        assert (found.status, found.body) == (200, b"Node founded")
+        missing = await fetch(hub, "/node/edge-2")
+        assert (missing.status, missing.body) == (404, b"Node not found")
+        assert (await fetch(hub, "/node/a/b")).body == b"404 page not found"
+        assert (await fetch(hub, "/node/edge-1", method="POST", body=b"")).status == 405
+        hub.nodes.failing = True
+        failed = await fetch(hub, "/node/edge-1")
+        assert (failed.status, failed.body) == (500, b"Failed to query node information")
+        assert (await fetch(hub, "/livez")).status == 200
+
+
+async def test_an_issued_certificate_records_the_node_as_joined(hub: Hub) -> None:
+    with trio.fail_after(TIMEOUT):
+        reply = await fetch(
+            hub, "/edge.crt", body=make_csr()[0], headers={**bearer(hub.keeper.token)}
+        )
+        assert reply.status == 200
+        assert hub.nodes.joined == ["edge-1"]
+        refused = await fetch(hub, "/edge.crt", body=b"junk", headers=bearer(hub.keeper.token))
+        assert refused.status == 400
+        assert hub.nodes.joined == ["edge-1"]
 
 
 async def test_keep_alive_serves_several_requests(hub: Hub) -> None:

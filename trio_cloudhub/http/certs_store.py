@@ -20,8 +20,10 @@ from pathlib import Path
 
 import attrs
 import trio
+from OpenSSL import SSL
 
 from trio_cloudhub.config import CloudHub, Config
+from trio_cloudhub.http.tls import request_client_cert_context
 from trio_cloudhub.pki import certs
 from trio_cloudhub.pki.certs import CertAndKey, PkiError
 from trio_cloudhub.pki.token import TokenKeeper, make_token
@@ -77,14 +79,10 @@ class HubCredentials:
         """Port 10000: a client certificate signed by the CA is required."""
         return self._server_context(ssl.CERT_REQUIRED)
 
-    def https_ssl_context(self) -> ssl.SSLContext:
-        """Port 10002: a client certificate is optional (bootstrap has none).
-
-        Go only *requests* one there and checks it in the handler; Python's CERT_OPTIONAL
-        also verifies it against the CA, so a foreign certificate fails the handshake
-        instead of getting HTTP 401. Real edges only present CA-signed certificates.
-        """
-        return self._server_context(ssl.CERT_OPTIONAL)
+    def https_tls_context(self) -> SSL.Context:
+        """Port 10002: a client certificate is requested, never verified by TLS (bootstrap
+        has none; a foreign one gets HTTP 401 from the handler, as Go's RequestClientCert)."""
+        return request_client_cert_context(self.server_cert_pem, self.server_key_pem)
 
     def _server_context(self, verify_mode: ssl.VerifyMode) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

@@ -1,15 +1,17 @@
-"""What the HTTPS service answers (spec 7.4, 7.5), as a plain function of a parsed request.
+"""What the HTTPS service answers (spec 7.4, 7.5), as a function of a parsed request.
 
-No sockets here: `server.py` parses HTTP and TLS and calls `CertificateService.handle`.
+No sockets here: `server.py` parses HTTP and TLS and awaits `CertificateService.handle`.
 Status codes follow KubeEdge NEW, except that a bad certificate request is 400 (NEW: 500).
+`GET /node/{name}` (v1.20+, `keadm join` refuses a name that exists) asks the cloud side,
+with no authentication, as CloudCore's `CheckNode`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import attrs
 
@@ -52,6 +54,18 @@ class Response:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+class NodeDirectory(Protocol):
+    """What the service asks the cloud side about nodes (the store)."""
+
+    def node_known(self, name: str) -> bool:
+        """Whether a node of that name exists; raises when the cloud side cannot tell."""
+        ...
+
+    async def node_joined(self, name: str) -> None:
+        """A certificate was issued for node `name` (the embedded store remembers it)."""
+        ...
+
+
 def text(status: int, message: str) -> Response:
     return Response(status, message.encode("utf-8"))
 
@@ -75,41 +89,60 @@ class CertificateService:
         *,
         clock: Callable[[], datetime],
         ready_check: Callable[[], bool] | None = None,
+        nodes: NodeDirectory | None = None,
     ) -> None:
         self._ca = ca
+        self._nodes = nodes
         self._tokens = tokens
         self._signing_days = signing_days
         self._clock = clock
         self._ready_check = ready_check
-        self._routes: dict[str, Callable[[Request], Response]] = {
+        self._routes: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "/ca.crt": self._ca_crt,
             "/edge.crt": self._edge_crt,
             "/readyz": self._readyz,
             "/livez": self._livez,
         }
 
-    def handle(self, request: Request) -> Response:
-        route = self._routes.get(request.path)
+    async def handle(self, request: Request) -> Response:
+        route = self._route(request.path)
         if route is None:
             return text(404, "404 page not found")
         if request.method != "GET":
             return attrs.evolve(text(405, "method not allowed"), headers=(("Allow", "GET"),))
         try:
-            return route(request)
+            return await route(request)
         except _Refused as refused:
             return refused.response
 
-    def _ca_crt(self, request: Request) -> Response:
+    def _route(self, path: str) -> Callable[[Request], Awaitable[Response]] | None:
+        prefix, _, name = path.partition("/node/")
+        if not prefix and name and "/" not in name and self._nodes is not None:
+            return self._check_node
+        return self._routes.get(path)
+
+    async def _ca_crt(self, request: Request) -> Response:
         return Response(200, self._ca.cert_der, DER_TYPE)
 
-    def _livez(self, request: Request) -> Response:
+    async def _livez(self, request: Request) -> Response:
         return text(200, "ok")
 
-    def _readyz(self, request: Request) -> Response:
+    async def _readyz(self, request: Request) -> Response:
         ready = self._ready_check is None or self._ready_check()
         return text(200, "ok") if ready else text(503, "not ready")
 
-    def _edge_crt(self, request: Request) -> Response:
+    async def _check_node(self, request: Request) -> Response:
+        """CloudCore's `CheckNode` answers, word for word ("founded" included)."""
+        assert self._nodes is not None
+        name = request.path.removeprefix("/node/")
+        try:
+            known = self._nodes.node_known(name)
+        except Exception as exc:  # the cloud side failed: any kind of failure, one answer
+            logger.warning("GET /node/%s: cannot query the node: %s", name, exc)
+            return text(500, "Failed to query node information")
+        return text(200, "Node founded") if known else text(404, "Node not found")
+
+    async def _edge_crt(self, request: Request) -> Response:
         node_name = request.header("NodeName") or ""
         now = self._clock()
         rotating = self._authorize(request, node_name, now)
@@ -128,7 +161,16 @@ class CertificateService:
             node_name,
             "rotation" if rotating else "token",
         )
+        if self._nodes is not None and node_name:
+            await self._record_joined(node_name)
         return Response(200, cert, DER_TYPE)
+
+    async def _record_joined(self, node_name: str) -> None:
+        assert self._nodes is not None
+        try:
+            await self._nodes.node_joined(node_name)
+        except Exception as exc:  # the certificate is issued; only /node/{name} may miss it
+            logger.warning("node %r joined but could not be recorded: %s", node_name, exc)
 
     def _authorize(self, request: Request, node_name: str, now: datetime) -> bool:
         """True for a rotation (client certificate), False for a token bootstrap."""

@@ -1,12 +1,10 @@
-"""The HTTPS certificate service on port 10002: a minimal HTTP/1.1 server (h11 on trio TLS).
+"""The HTTPS certificate service on port 10002: a minimal HTTP/1.1 server (h11 over TLS).
 
-Why not hypercorn: `/edge.crt` must see the TLS client certificate (a rotating edge
-authenticates with it instead of a token, spec 7.5), and hypercorn 0.18's trio worker does
-not expose it: the ASGI scope carries no `tls` extension and its `TCPServer` keeps the
-`SSLStream` private, so the app cannot learn the peer certificate. (Port 0 and `started()`
-would have worked: `hypercorn.trio.serve` reports the bound address.) The endpoints are four
-small GETs, so h11 -- already installed as a dependency of hypercorn and wsproto -- over
-trio's `SSLStream` is less code than working around that, and every limit is ours to set.
+Why not an ASGI server such as hypercorn: `/edge.crt` must see the TLS client certificate (a
+rotating edge authenticates with it instead of a token, spec 7.5) and must *not* have it
+verified by TLS (a foreign certificate gets HTTP 401, as Go's `RequestClientCert`): the TLS
+layer is our own (`tls.OpenSSLStream`, pyOpenSSL). The endpoints are a few small GETs, so h11
+over that stream is little code, and every limit is ours to set.
 """
 
 from __future__ import annotations
@@ -20,10 +18,18 @@ from functools import partial
 
 import h11
 import trio
+from OpenSSL import SSL
 
 from trio_cloudhub.config import Config
 from trio_cloudhub.http.certs_store import HubCredentials, utc_now
-from trio_cloudhub.http.routes import CertificateService, Request, Response, text
+from trio_cloudhub.http.routes import (
+    CertificateService,
+    NodeDirectory,
+    Request,
+    Response,
+    text,
+)
+from trio_cloudhub.http.tls import OpenSSLStream
 from trio_cloudhub.pki.token import TokenKeeper
 
 logger = logging.getLogger("trio_cloudhub.http")
@@ -38,7 +44,7 @@ CLOSE_TIMEOUT = 2.0
 # Bounds memory (each connection may hold a 1 MiB body); extra connections wait their turn.
 MAX_CONNECTIONS = 256
 
-TLSStream = trio.SSLStream[trio.SocketStream]
+TLSStream = OpenSSLStream
 
 
 class _BodyTooLarge(Exception):
@@ -51,10 +57,12 @@ async def serve_https(
     config: Config,
     *,
     ready_check: Callable[[], bool] | None = None,
+    nodes: NodeDirectory | None = None,
     clock: Callable[[], datetime] = utc_now,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `/ca.crt`, `/edge.crt`, `/readyz`, `/livez` until cancelled.
+    """Serve `/ca.crt`, `/edge.crt`, `/readyz`, `/livez` (and `/node/{name}` when `nodes`
+    is given) until cancelled.
 
     `task_status.started(port)` reports the bound port once the socket listens (port 0 in
     the configuration picks a free one).
@@ -66,39 +74,37 @@ async def serve_https(
         hub.edge_cert_signing_duration,
         clock=clock,
         ready_check=ready_check,
+        nodes=nodes,
     )
-    ssl_context = credentials.https_ssl_context()
+    tls_context = credentials.https_tls_context()
     listeners = await trio.open_tcp_listeners(hub.https.port, host=hub.https.address or None)
     port = int(listeners[0].socket.getsockname()[1])
-    tls_listeners = [
-        trio.SSLListener(listener, ssl_context, https_compatible=True) for listener in listeners
-    ]
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
     logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
     task_status.started(port)
-    await trio.serve_listeners(partial(_handle_connection, service, limiter), tls_listeners)
+    handler = partial(_handle_connection, service, limiter, tls_context)
+    await trio.serve_listeners(handler, listeners)
 
 
 async def _handle_connection(
-    service: CertificateService, limiter: trio.CapacityLimiter, stream: TLSStream
+    service: CertificateService,
+    limiter: trio.CapacityLimiter,
+    tls_context: SSL.Context,
+    tcp: trio.SocketStream,
 ) -> None:
     """One TLS connection: handshake, then requests until close, error or timeout."""
+    stream = OpenSSLStream(tcp, tls_context)
     async with limiter:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 await stream.do_handshake()
-            await _serve_requests(service, stream, _peer_cert(stream))
+            await _serve_requests(service, stream, stream.peer_certificate_der())
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             # The peer's problem (failed handshake, reset, too slow): nothing to answer.
             logger.debug("HTTPS connection ended: %r", exc)
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                 await stream.aclose()
-
-
-def _peer_cert(stream: TLSStream) -> bytes | None:
-    der = stream.getpeercert(binary_form=True)
-    return bytes(der) if der else None
 
 
 async def _serve_requests(
@@ -118,15 +124,15 @@ async def _serve_requests(
             return
         if request is None:
             return
-        await _send(conn, stream, _answer(service, request))
+        await _send(conn, stream, await _answer(service, request))
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return
         conn.start_next_cycle()
 
 
-def _answer(service: CertificateService, request: Request) -> Response:
+async def _answer(service: CertificateService, request: Request) -> Response:
     try:
-        return service.handle(request)
+        return await service.handle(request)
     except Exception:
         # Our bug, not the edge's: answer 500 and keep serving everyone else.
         logger.exception("internal error answering %s %s", request.method, request.path)

@@ -98,7 +98,12 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
             # HTTPS first: /livez answers and /readyz says "not ready" during the cache sync.
             https_port = await root.start(
                 partial(
-                    serve_https, cloud.credentials, cloud.tokens, config, ready_check=lambda: ready
+                    serve_https,
+                    cloud.credentials,
+                    cloud.tokens,
+                    config,
+                    ready_check=lambda: ready,
+                    nodes=cloud.store,
                 )
             )
             metrics_port = await _start_metrics(root, hub.metrics, config)

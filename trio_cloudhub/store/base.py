@@ -142,6 +142,15 @@ class CloudStore(Protocol):
         """The node pod `namespace/name` is bound to (spec.nodeName); None if unknown."""
         ...
 
+    def node_known(self, name: str) -> bool:
+        """Whether a node named `name` exists (`GET /node/{name}`); `StoreError` when the
+        store cannot tell (not started)."""
+        ...
+
+    async def node_joined(self, name: str) -> None:
+        """The HTTPS service issued a certificate for node `name`."""
+        ...
+
     def api_server_ca(self) -> str:
         """PEM of the Kubernetes API server's CA, for the edge's `k8s/ca.crt` query; "" when
         there is none (KubeEdge answers "" when it cannot read it)."""

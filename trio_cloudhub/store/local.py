@@ -155,6 +155,7 @@ class LocalStore:
         self._objects: dict[ObjectKey, StoredObject] = {}
         self._rv = 0
         self._acks: dict[str, dict[str, AckPoint]] = {}  # node -> uid -> ack point
+        self._joined: set[str] = set()  # nodes issued a certificate
         self._ack_changes: dict[str, int] = {}  # node -> ack point changes (change_stamp)
         self._pending_acks: dict[AckKey, AckPoint | None] = {}
         self._ack_wakeup = trio.Event()
@@ -179,6 +180,7 @@ class LocalStore:
         await trio.to_thread.run_sync(self._make_dirs)
         loaded = await self._db_call(self._db.open)
         self._objects, self._rv = loaded.objects, loaded.rv
+        self._joined = set(loaded.joined)
         self._acks = {}
         for (node, uid), point in loaded.acks.items():
             self._acks.setdefault(node, {})[uid] = point
@@ -552,6 +554,23 @@ class LocalStore:
 
     def api_server_ca(self) -> str:
         return ""  # no API server behind the embedded store
+
+    def node_known(self, name: str) -> bool:
+        """A node exists when it joined (was issued a certificate), has a Node manifest,
+        pods bound to it, or ack points (it was sent something)."""
+        if not self._open:
+            raise StoreError("the store is not open")
+        return (
+            name in self._joined
+            or ObjectKey("Node", "", name) in self._objects
+            or self._placer.has_pods(name)
+            or name in self._acks
+        )
+
+    async def node_joined(self, name: str) -> None:
+        if name not in self._joined:
+            await self._db_call(self._db.write_joined, name, now_ms())
+            self._joined.add(name)
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         if not is_report(message):

@@ -7,7 +7,8 @@ translated into `StoreError` at this skin. Tables:
 - `objects`: one row per object (kind, namespace, name, uid, resourceVersion, full JSON body,
   the user's manifest as canonical JSON, the file it came from);
 - `ack_points`: ObjectSync semantics, (node, uid) -> acknowledged resourceVersion;
-- `reports`: the latest node and pod status each edge reported.
+- `reports`: the latest node and pod status each edge reported;
+- `joined_nodes`: nodes issued a certificate by the HTTPS service (`GET /node/{name}`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from trio_cloudhub.store.routing import StoredObject
 log = logging.getLogger("trio_cloudhub.store")
 
 DB_NAME = "store.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: joined_nodes
 BUSY_TIMEOUT_MS = 5000  # how long a write waits for another connection's lock (tests lower it)
 KIND_NODE_STATUS = "nodestatus"
 KIND_POD_STATUS = "podstatus"
@@ -49,6 +50,7 @@ CREATE TABLE IF NOT EXISTS reports (
     kind TEXT NOT NULL, namespace TEXT NOT NULL, name TEXT NOT NULL, node TEXT NOT NULL,
     body TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (kind, namespace, name));
 CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, updated_ms);
+CREATE TABLE IF NOT EXISTS joined_nodes (name TEXT PRIMARY KEY, joined_ms INTEGER NOT NULL);
 """
 
 
@@ -57,6 +59,7 @@ class Loaded:
     objects: dict[ObjectKey, StoredObject]
     acks: dict[AckKey, AckPoint]
     rv: int
+    joined: set[str] = attrs.field(factory=set)
 
 
 @attrs.frozen(slots=True)
@@ -147,7 +150,8 @@ class Database:
                 "SELECT node, uid, resource_version, resource FROM ack_points"
             )
         }
-        return Loaded(objects=objects, acks=acks, rv=rv)
+        joined = {name for (name,) in conn.execute("SELECT name FROM joined_nodes")}
+        return Loaded(objects=objects, acks=acks, rv=rv, joined=joined)
 
     def write_objects(
         self, upserts: Sequence[StoredObject], deletes: Sequence[ObjectKey], rv: int
@@ -173,6 +177,12 @@ class Database:
         with _translated("writing ack points"), _transaction(conn):
             conn.executemany("DELETE FROM ack_points WHERE node = ? AND uid = ?", removed)
             conn.executemany("INSERT OR REPLACE INTO ack_points VALUES (?, ?, ?, ?)", kept)
+
+    def write_joined(self, name: str, joined_ms: int) -> None:
+        """Remember that node `name` was issued a certificate (the first time is kept)."""
+        conn = self._connection()
+        with _translated("writing a joined node"), _transaction(conn):
+            conn.execute("INSERT OR IGNORE INTO joined_nodes VALUES (?, ?)", (name, joined_ms))
 
     def write_reports(self, rows: Sequence[ReportRow], max_per_node: int) -> None:
         """Store reports; a node keeps at most `max_per_node` rows (oldest dropped)."""

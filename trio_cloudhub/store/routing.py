@@ -209,6 +209,9 @@ class Placer:
                 placement.update((node, uid) for node in self._users.get(key, ()))
         return placement
 
+    def has_pods(self, node: str) -> bool:
+        return node in self._pods_on
+
     def keys_on(self, node: str) -> set[ObjectKey]:
         """The keys placed on `node` if they exist: its Node, its pods, what they use."""
         keys = {ObjectKey("Node", "", node)}

@@ -40,6 +40,7 @@ class MemoryStore:
         self.objects: dict[str, object] = {}
         self.desired: dict[str, dict[str, Message]] = {}  # node -> uid -> newest message
         self.pods: dict[tuple[str, str], str] = {}  # (namespace, name) -> node
+        self.joined: set[str] = set()  # nodes the HTTPS service issued a certificate
         self.changes = 0  # desired state or ack point changes, for change_stamp
         self._last_acked: dict[tuple[str, str], Message] = {}
         self._deliver: Deliver | None = None
@@ -127,6 +128,12 @@ class MemoryStore:
 
     def api_server_ca(self) -> str:
         return ""
+
+    def node_known(self, name: str) -> bool:
+        return name in self.desired or name in self.joined
+
+    async def node_joined(self, name: str) -> None:
+        self.joined.add(name)
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         self.reports.append((node_id, message))

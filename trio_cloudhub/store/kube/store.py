@@ -36,7 +36,7 @@ import trio
 
 from trio_cloudhub.core.message import OP_DELETE, Message, object_uid
 from trio_cloudhub.store.answers import RequestError, answer_application, is_application
-from trio_cloudhub.store.base import ChangeLag, Deliver, Missed
+from trio_cloudhub.store.base import ChangeLag, Deliver, Missed, StoreError
 from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.kube.acks import (
     CLUSTER_OBJECT_SYNCS,
@@ -102,6 +102,7 @@ class KubeStore:
         )
         self.objects: dict[ObjectKey, StoredObject] = {}  # what edges may get
         self._edge_nodes: set[str] = set()
+        self._node_names: set[str] = set()  # every Node in the cluster, edge or not
         self._pod_nodes: dict[ObjectKey, str] = {}  # every pod with a node -> the node
         self._pods_on: dict[str, set[ObjectKey]] = {}  # node -> its pods (edge or not)
         self._placer = Placer()  # describes `objects` minus the pending changes
@@ -191,6 +192,10 @@ class KubeStore:
         name = stored.key.name
         was_edge = name in self._edge_nodes
         is_edge = event != "DELETED" and EDGE_LABEL in _labels(body)
+        if event == "DELETED":
+            self._node_names.discard(name)
+        else:
+            self._node_names.add(name)
         if is_edge:
             self._edge_nodes.add(name)
         else:
@@ -329,6 +334,16 @@ class KubeStore:
     def resource_version(self) -> int:
         """The newest resourceVersion the caches have seen (for List answers)."""
         return max(rv_number(informer.resource_version) for informer in self.informers.values())
+
+    def node_known(self, name: str) -> bool:
+        """Whether the Node exists, from the informer's cache (CloudCore asks the API server
+        each time; the cache spares it a request per anonymous caller)."""
+        if not self._started:
+            raise StoreError("the Kubernetes caches are not synced yet")
+        return name in self._node_names
+
+    async def node_joined(self, name: str) -> None:
+        """Nothing to remember: the edge registers its Node itself."""
 
     def api_server_ca(self) -> str:
         """The CA the client trusts the API server with (kubeconfig or in-cluster), as read
