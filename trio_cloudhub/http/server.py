@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import http
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from functools import partial
 
@@ -41,8 +42,17 @@ HANDSHAKE_TIMEOUT = 10.0
 # Whole-request bound (headers and body), also the idle limit of a kept-alive connection.
 REQUEST_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 2.0
-# Bounds memory (each connection may hold a 1 MiB body); extra connections wait their turn.
-MAX_CONNECTIONS = 256
+# Connections waiting for their peer (handshake, or a request to arrive): up to CALM of them
+# get the full timeouts; beyond, the timeouts shrink in proportion (down to MIN_WAIT), and
+# past MAX_WAITING (MAX_WAITING_PER_SOURCE from one address) the oldest waiting connection is
+# closed to make room. A flood of idle or slow clients never makes a new one wait: a probe
+# or an edge is served at once, the flood pays.
+CALM_WAITING = 64
+MIN_WAIT = 1.0
+MAX_WAITING = 4096
+MAX_WAITING_PER_SOURCE = 1024
+# Bodies read at once (each up to MAX_BODY_BYTES): bounds memory; bodiless requests never wait.
+MAX_BODIES = 64
 
 TLSStream = OpenSSLStream
 
@@ -79,42 +89,110 @@ async def serve_https(
     tls_context = credentials.https_tls_context()
     listeners = await trio.open_tcp_listeners(hub.https.port, host=hub.https.address or None)
     port = int(listeners[0].socket.getsockname()[1])
-    limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
     logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
     task_status.started(port)
-    handler = partial(_handle_connection, service, limiter, tls_context)
+    handler = partial(_handle_connection, service, Waiting(), tls_context)
     await trio.serve_listeners(handler, listeners)
+
+
+class Waiting:
+    """Connections waiting for their peer, oldest first (see CALM_WAITING above)."""
+
+    def __init__(
+        self, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE
+    ) -> None:
+        self.limit = limit
+        self.per_source = per_source
+        self._scopes: dict[trio.CancelScope, str] = {}  # insertion order: oldest first
+        self._sources: Counter[str] = Counter()
+        self.evicted = 0
+        self.bodies = trio.CapacityLimiter(MAX_BODIES)
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def timeout(self, base: float) -> float:
+        crowd = len(self._scopes)
+        return base if crowd <= CALM_WAITING else max(MIN_WAIT, base * CALM_WAITING / crowd)
+
+    @contextlib.contextmanager
+    def wait(self, source: str, base: float) -> Iterator[trio.CancelScope]:
+        """A scope for one wait on the peer: its deadline, and room made if needed."""
+        if self._sources[source] >= self.per_source:
+            self._evict(lambda scope_source: scope_source == source)
+        elif len(self._scopes) >= self.limit:
+            self._evict(lambda scope_source: True)
+        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout(base))
+        self._scopes[scope] = source
+        self._sources[source] += 1
+        try:
+            with scope:
+                yield scope
+        finally:
+            del self._scopes[scope]
+            self._sources[source] -= 1
+            if not self._sources[source]:
+                del self._sources[source]
+
+    def _evict(self, matches: Callable[[str], bool]) -> None:
+        for scope, source in self._scopes.items():
+            if matches(source) and not scope.cancel_called:
+                scope.cancel()
+                self.evicted += 1
+                if self.evicted % 1000 == 1:  # a flood: one line per thousand
+                    logger.warning(
+                        "HTTPS: %d waiting connections, closed the oldest (%s; %d so far)",
+                        len(self._scopes),
+                        source,
+                        self.evicted,
+                    )
+                return
 
 
 async def _handle_connection(
     service: CertificateService,
-    limiter: trio.CapacityLimiter,
+    waiting: Waiting,
     tls_context: SSL.Context,
     tcp: trio.SocketStream,
 ) -> None:
     """One TLS connection: handshake, then requests until close, error or timeout."""
     stream = OpenSSLStream(tcp, tls_context)
-    async with limiter:
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                await stream.do_handshake()
-            await _serve_requests(service, stream, stream.peer_certificate_der())
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
-            # The peer's problem (failed handshake, reset, too slow): nothing to answer.
-            logger.debug("HTTPS connection ended: %r", exc)
-        finally:
-            with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
-                await stream.aclose()
+    source = _source(tcp)
+    try:
+        with waiting.wait(source, HANDSHAKE_TIMEOUT) as scope:
+            await stream.do_handshake()
+        if scope.cancelled_caught:
+            return
+        await _serve_requests(service, stream, stream.peer_certificate_der(), waiting, source)
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        # The peer's problem (failed handshake, reset): nothing to answer.
+        logger.debug("HTTPS connection ended: %r", exc)
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+            await stream.aclose()
+
+
+def _source(tcp: trio.SocketStream) -> str:
+    try:
+        peer = tcp.socket.getpeername()
+    except OSError:
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 async def _serve_requests(
-    service: CertificateService, stream: TLSStream, peer_cert: bytes | None
+    service: CertificateService,
+    stream: TLSStream,
+    peer_cert: bytes | None,
+    waiting: Waiting,
+    source: str,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     while True:
+        request: Request | None = None
         try:
-            with trio.fail_after(REQUEST_TIMEOUT):
-                request = await _read_request(conn, stream, peer_cert)
+            with waiting.wait(source, REQUEST_TIMEOUT):
+                request = await _read_request(conn, stream, peer_cert, waiting.bodies)
         except h11.RemoteProtocolError as exc:
             await _send_error(conn, stream, exc.error_status_hint, f"bad request: {exc}")
             return
@@ -149,7 +227,10 @@ async def _next_event(conn: h11.Connection, stream: TLSStream) -> h11.Event:
 
 
 async def _read_request(
-    conn: h11.Connection, stream: TLSStream, peer_cert: bytes | None
+    conn: h11.Connection,
+    stream: TLSStream,
+    peer_cert: bytes | None,
+    bodies: trio.CapacityLimiter,
 ) -> Request | None:
     """The next request with its whole body, or None when the client closed."""
     event = await _next_event(conn, stream)
@@ -161,7 +242,11 @@ async def _read_request(
     declared = next((value for name, value in headers if name == "content-length"), None)
     if declared is not None and int(declared) > MAX_BODY_BYTES:
         raise _BodyTooLarge
-    body = await _read_body(conn, stream)
+    if declared == "0" or (declared is None and not _chunked(headers)):
+        body = await _read_body(conn, stream)  # no body: never waits for a body slot
+    else:
+        async with bodies:
+            body = await _read_body(conn, stream)
     target = event.target.decode("latin-1")
     return Request(
         method=event.method.decode("latin-1"),
@@ -170,6 +255,10 @@ async def _read_request(
         body=body,
         peer_cert=peer_cert,
     )
+
+
+def _chunked(headers: tuple[tuple[str, str], ...]) -> bool:
+    return any(name == "transfer-encoding" for name, _ in headers)
 
 
 async def _read_body(conn: h11.Connection, stream: TLSStream) -> bytes:
