@@ -322,9 +322,33 @@ def quic_packet(payload: bytes) -> bytes:
 # --- the HTTPS certificate service (request level, TLS aside) ---------------------------------
 
 
-def _responses(raw: bytes) -> list[int]:
-    """Status codes of the HTTP/1.1 responses in `raw`; PropertyViolation if malformed or
-    cut inside a response."""
+def _methods(request_bytes: bytes) -> list[bytes]:
+    """The methods of the requests in `request_bytes`, as h11 reads them (HEAD answers have no
+    body, so the response reader must know which ones were HEAD)."""
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(request_bytes)
+    methods: list[bytes] = []
+    for _ in range(1000):
+        try:
+            event = server.next_event()
+        except h11.RemoteProtocolError:
+            break
+        if isinstance(event, h11.Request):
+            methods.append(event.method)
+        elif event is h11.PAUSED:
+            server.send(h11.Response(status_code=200, headers=[("Content-Length", "0")]))
+            server.send(h11.EndOfMessage())
+            if server.our_state is not h11.DONE:
+                break
+            server.start_next_cycle()
+        elif event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+            break
+    return methods
+
+
+def _responses(raw: bytes, methods: Sequence[bytes] = ()) -> list[int]:
+    """Status codes of the HTTP/1.1 responses in `raw` to requests with `methods`;
+    PropertyViolation if malformed or cut inside a response."""
     client = h11.Connection(h11.CLIENT)
     statuses: list[int] = []
     if not raw:
@@ -333,7 +357,8 @@ def _responses(raw: bytes) -> list[int]:
     inside = False  # a response head was read, its end not yet
     while True:
         if client.our_state is h11.IDLE:
-            client.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+            method = methods[len(statuses)] if len(statuses) < len(methods) else b"GET"
+            client.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
             client.send(h11.EndOfMessage())
         try:
             event = client.next_event()
@@ -372,7 +397,7 @@ async def fuzz_http_async(data: bytes) -> str:
     with trio.fail_after(TIME_BOUND):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await server._serve_requests(_certificate_service(), stream, peer_cert)  # type: ignore[arg-type]
-    statuses = _responses(bytes(stream.sent))
+    statuses = _responses(bytes(stream.sent), _methods(data[1:]))
     return ",".join(map(str, statuses)) or "no answer"
 
 
@@ -808,6 +833,7 @@ TARGETS: dict[str, Target] = {
                 b"NodeName: \xff\r\n",
                 b"ExtKeyUsages: [3]\r\n",
                 b"Authorization: a b c\r\n",
+                b"HEAD ",
             ),
         ),
         Target(
