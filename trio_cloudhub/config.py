@@ -9,6 +9,7 @@ under the top-level `trioCloudHub` section. This module does no I/O: the caller 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import attrs
@@ -214,14 +215,22 @@ _CONFIG_CLASSES = (
 )
 
 
+_INT64 = range(-(2**63), 2**63)
+
+
 def _strict_scalar(kind: type) -> Any:
     def structure(value: Any, _: type) -> Any:
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            return float(value)
         if isinstance(value, bool) and kind is not bool:
             raise TypeError(f"expected {kind.__name__}, got a boolean")
+        if kind is float and isinstance(value, int):
+            value = float(value) if value in _INT64 else math.inf
         if not isinstance(value, kind):
             raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+        # Go's int is 64 bits; infinities and NaN would slip through every range check.
+        if kind is int and value not in _INT64:
+            raise ValueError("integer out of range")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("expected a finite number")
         return value
 
     return structure
@@ -297,11 +306,19 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: the document is nested too deeply") from None
+    except (ValueError, OverflowError) as exc:
+        # A scalar the YAML resolver accepts but cannot build, e.g. the date 2026-13-45.
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the document must be a mapping")
     raw, ignored = _drop_other_modules(raw)
+    problem = _key_problem(raw)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
     try:
         config = _converter.structure(raw, Config)
     except cattrs.BaseValidationError as exc:
@@ -310,6 +327,34 @@ def parse_config(text: str | bytes, source: str = "<config>") -> Config:
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
     return attrs.evolve(config, ignored=tuple(ignored))
+
+
+# Deeper or larger than any CloudCore configuration; the sections we do not read are dropped
+# before the check. The node bound stops a YAML alias bomb, which is small as text.
+_MAX_DEPTH = 16
+_MAX_NODES = 100_000
+
+
+def _key_problem(raw: dict[str, Any]) -> str:
+    """Why the sections we read cannot be structured ("" when they can): YAML allows any
+    scalar (or a list) as a mapping key, CloudCore's Go structs only strings."""
+    stack: list[tuple[Any, str, int]] = [(raw, "$", 0)]
+    nodes = 0
+    while stack:
+        value, path, depth = stack.pop()
+        nodes += 1
+        if nodes > _MAX_NODES:
+            return f"the document has more than {_MAX_NODES} values (YAML aliases?)"
+        if depth > _MAX_DEPTH:
+            return f"nested too deeply @ {path}"
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"mapping key {key!r} is not a string @ {path}"
+                stack.append((item, f"{path}.{key}", depth + 1))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{index}]", depth + 1) for index, item in enumerate(value))
+    return ""
 
 
 def validate(config: Config) -> list[str]:
@@ -362,7 +407,9 @@ def validate(config: Config) -> list[str]:
 
 def _is_host_port(text: str) -> bool:
     host, colon, port = text.rpartition(":")
-    return bool(colon and host) and port.isdigit() and int(port) <= 65535
+    # isdigit() alone accepts "²" and 5,000 digits, which int() refuses.
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    return bool(colon and host) and digits and int(port) <= 65535
 
 
 def _is_ip(text: str) -> bool:

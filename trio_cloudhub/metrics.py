@@ -271,7 +271,7 @@ class _Refused(Exception):
 def parse_bind_address(text: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9091`) as (host, port); ValueError when it is not one."""
     host, colon, port = text.rpartition(":")
-    if not colon or not port.isdigit() or int(port) > 65535:
+    if not colon or not (port.isascii() and port.isdigit() and len(port) <= 5) or int(port) > 65535:
         raise ValueError(f"not host:port: {text!r}")
     return host.removeprefix("[").removesuffix("]"), int(port)
 

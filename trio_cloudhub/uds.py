@@ -101,7 +101,8 @@ def tcp_host_port(address: str) -> tuple[str, int]:
     """`tcp://host:port` -> (host, port); host may be empty (all interfaces) or `[v6]`."""
     scheme, sep, rest = address.partition("://")
     host, colon, port_text = rest.rpartition(":")
-    if not sep or scheme.lower() != "tcp" or not colon or not port_text.isdigit():
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not sep or scheme.lower() != "tcp" or not colon or not digits:
         raise ValueError(f"not a tcp://host:port address: {address!r}")
     port = int(port_text)
     if port > 65535:
@@ -367,6 +368,9 @@ async def _run_connection(
 ) -> None:
     try:
         await serve(stream, name)
+    except Exception:
+        # Our bug on one connection must not end the server (and the hub with it).
+        log.exception("UDS %s: connection failed", name)
     finally:
         slots.release()
 

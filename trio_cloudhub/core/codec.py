@@ -9,6 +9,8 @@ could not decode (e.g. a fractional timestamp) with a typed error.
 from __future__ import annotations
 
 import json
+import math
+import re
 from typing import Any
 
 from trio_cloudhub.core.message import Header, Message, Route
@@ -23,7 +25,44 @@ _GO_ESCAPES = {
     "\u2029": "\\u2029",
 }
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
-_loads = json.JSONDecoder().decode
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")  # Python accepts NaN/Infinity, Go does not
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: Go's float64 cannot hold it either
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+_strict_loads = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float).decode
+
+
+def strict_json_loads(text: str) -> Any:
+    """Strict JSON as Go reads it: no NaN/Infinity, floats in range, and an escaped lone
+    surrogate (`"\\ud800"`) becomes U+FFFD, as Go's decoder does. Python keeps it, and a
+    string holding one cannot be encoded as UTF-8 again (every later send would fail)."""
+    value = _strict_loads(text)
+    if "\\ud" in text or "\\uD" in text:
+        value = _replace_lone_surrogates(value)
+    return value
+
+
+def _replace_lone_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {
+            _replace_lone_surrogates(key): _replace_lone_surrogates(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_replace_lone_surrogates(item) for item in value]
+    return value
 
 
 class CodecError(ValueError):
@@ -85,7 +124,10 @@ def decode(frame: str | bytes, max_size: int = DEFAULT_MAX_FRAME) -> Message:
     if len(frame) > max_size:
         raise FrameTooLarge(f"frame of {len(frame)} bytes exceeds the bound of {max_size}")
     try:
-        raw = _loads(frame.decode("utf-8") if isinstance(frame, bytes) else frame)
+        text = frame.decode("utf-8") if isinstance(frame, bytes) else frame
+        raw = _strict_loads(text)
+        if "\\ud" in text or "\\uD" in text:
+            raw = _replace_lone_surrogates(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CodecError(f"frame is not JSON: {exc}") from None
     if not isinstance(raw, dict):

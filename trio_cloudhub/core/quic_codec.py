@@ -31,7 +31,6 @@ only `edge/quic.py` imports this module.
 from __future__ import annotations
 
 import base64
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,7 +41,7 @@ from google.protobuf import (  # type: ignore[import-untyped,unused-ignore]
 )
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped,unused-ignore]
 
-from trio_cloudhub.core.codec import go_json
+from trio_cloudhub.core.codec import go_json, strict_json_loads
 from trio_cloudhub.core.message import (
     Header,
     Message,
@@ -129,11 +128,8 @@ _JSON_OPENERS = (b"{", b"[", b'"')
 _NULL = b"null"
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")  # NaN/Infinity: Python accepts them, Go does not
-
-
-_json_loads = json.JSONDecoder(parse_constant=_reject_constant).decode
+# NaN/Infinity and 1e400 refused, escaped lone surrogates made U+FFFD, as Go reads JSON.
+_json_loads = strict_json_loads
 
 
 def _content_to_bytes(content: Any) -> bytes:

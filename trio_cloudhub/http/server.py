@@ -167,6 +167,9 @@ async def _handle_connection(
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         # The peer's problem (failed handshake, reset): nothing to answer.
         logger.debug("HTTPS connection ended: %r", exc)
+    except Exception:
+        # Our bug on one connection must not end the server (and the hub with it).
+        logger.exception("HTTPS connection failed")
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await stream.aclose()
@@ -202,7 +205,8 @@ async def _serve_requests(
             return
         if request is None:
             return
-        await _send(conn, stream, await _answer(service, request))
+        response = await _answer(service, request)
+        await _send(conn, stream, response, head=request.method == "HEAD")
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return
         conn.start_next_cycle()
@@ -276,8 +280,14 @@ async def _read_body(conn: h11.Connection, stream: TLSStream) -> bytes:
 
 
 async def _send(
-    conn: h11.Connection, stream: TLSStream, response: Response, *, close: bool = False
+    conn: h11.Connection,
+    stream: TLSStream,
+    response: Response,
+    *,
+    close: bool = False,
+    head: bool = False,
 ) -> None:
+    """`head`: the answer to a HEAD request, which has the headers but never a body."""
     headers = [
         ("Content-Type", response.content_type),
         ("Content-Length", str(len(response.body))),
@@ -289,7 +299,8 @@ async def _send(
     await stream.send_all(
         conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
     )
-    await stream.send_all(conn.send(h11.Data(data=response.body)))
+    if not head:
+        await stream.send_all(conn.send(h11.Data(data=response.body)))
     await stream.send_all(conn.send(h11.EndOfMessage()))
 
 

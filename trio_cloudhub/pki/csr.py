@@ -101,7 +101,7 @@ def parse_csr(der: bytes) -> EdgeCsr:
         sans = _sans(csr)
         public_key = csr.public_key()
         signed = csr.is_signature_valid
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:
         raise CsrError(f"invalid certificate request: {exc}") from None
     if not signed:
         raise CsrError("invalid certificate request: signature does not verify")

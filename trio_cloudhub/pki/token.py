@@ -105,13 +105,16 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
+def _numeric_date(claims: dict[str, Any], name: str) -> int | float | None:
     value = claims.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError(TokenError.MALFORMED, f"token is malformed: {name} is not a number")
-    return float(value)
+    # An int is compared as it is: float() of a 400-digit exp raises OverflowError.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise TokenError(TokenError.MALFORMED, f"token is malformed: {name} is not a number")
+    return value
 
 
 def _check_signature(header: dict[str, Any], signing_input: str, sig: bytes, key: bytes) -> None:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ OWNED_METADATA = (
 )
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -114,8 +116,8 @@ def stamp_folder(folder: Path) -> dict[str, FileStamp]:
     return stamps
 
 
-def _stamp(stat: os.stat_result) -> FileStamp:
-    return FileStamp(stat.st_mtime_ns, stat.st_size, stat.st_ino, stat.st_ctime_ns)
+def _stamp(info: os.stat_result) -> FileStamp:
+    return FileStamp(info.st_mtime_ns, info.st_size, info.st_ino, info.st_ctime_ns)
 
 
 def read_manifest_file(folder: Path, name: str, stamp: FileStamp) -> FileResult:
@@ -124,15 +126,16 @@ def read_manifest_file(folder: Path, name: str, stamp: FileStamp) -> FileResult:
     if stamp.size > MAX_FILE_BYTES:
         return FileResult(name, stamp, error=f"file is larger than {MAX_FILE_BYTES} bytes")
     try:
-        with path.open("rb") as file:
-            data = file.read(MAX_FILE_BYTES + 1)
+        data, opened = _read_regular_file(path)
         after = _stamp(path.stat())
+    except _NotRegular as exc:
+        return FileResult(name, stamp, error=str(exc))
     except FileNotFoundError:
         # Removed (or replaced) since the listing: the next scan sees what is there now.
         return FileResult(name, stamp, unstable=True)
     except OSError as exc:
         return FileResult(name, stamp, error=f"cannot read: {exc.strerror or exc}")
-    if after != stamp:
+    if after != stamp or opened != stamp:
         return FileResult(name, after, unstable=True)
     if len(data) > MAX_FILE_BYTES:
         return FileResult(name, stamp, error=f"file is larger than {MAX_FILE_BYTES} bytes")
@@ -141,6 +144,35 @@ def read_manifest_file(folder: Path, name: str, stamp: FileStamp) -> FileResult:
     except ManifestError as exc:
         return FileResult(name, stamp, error=str(exc))
     return FileResult(name, stamp, manifests=tuple(manifests), warnings=tuple(warnings))
+
+
+class _NotRegular(OSError):
+    pass
+
+
+def _read_regular_file(path: Path) -> tuple[bytes, FileStamp]:
+    """At most MAX_FILE_BYTES + 1 bytes of the regular file at `path`, and its stamp when opened.
+
+    The name was a regular file when listed, but it may since have been replaced by (or a
+    symlink re-pointed to) a FIFO, which a plain open() would wait on forever, or a device
+    like /dev/zero: opened without blocking and checked on the open descriptor itself.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _NotRegular(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+        chunks: list[bytes] = []
+        left = MAX_FILE_BYTES + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1024 * 1024))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks), _stamp(info)
+    finally:
+        os.close(fd)
 
 
 # --- parsing --------------------------------------------------------------------------------
@@ -152,7 +184,7 @@ def parse_manifest_bytes(data: bytes, *, json_format: bool) -> tuple[list[Manife
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ManifestError(f"not UTF-8 text: {exc}") from None
-    budget = _Budget()
+    budget = _Budget.for_text(text)
     manifests: list[Manifest] = []
     warnings: list[str] = []
     seen: set[ObjectKey] = set()
@@ -195,13 +227,27 @@ def _one_line(text: str) -> str:
 
 @attrs.define
 class _Budget:
+    """Without aliases a value has fewer nodes than its text has characters, and about as many
+    characters: the bounds grow with the text, so an alias bomb costs work in proportion to
+    its own (small) size, not to MAX_NODES_PER_FILE."""
+
+    max_nodes: int = MAX_NODES_PER_FILE
+    max_chars: int = MAX_CHARS_PER_FILE
     nodes: int = 0
     chars: int = 0
+
+    @classmethod
+    def for_text(cls, text: str) -> _Budget:
+        size = len(text)
+        return cls(
+            max_nodes=min(MAX_NODES_PER_FILE, max(10_000, size)),
+            max_chars=min(MAX_CHARS_PER_FILE, 4 * size + 64 * 1024),
+        )
 
     def spend(self, nodes: int, chars: int) -> None:
         self.nodes += nodes
         self.chars += chars
-        if self.nodes > MAX_NODES_PER_FILE or self.chars > MAX_CHARS_PER_FILE:
+        if self.nodes > self.max_nodes or self.chars > self.max_chars:
             raise ManifestError("file expands to too large a value (YAML aliases?)")
 
 
@@ -210,7 +256,7 @@ def _plain(value: Any, budget: _Budget) -> Any:
     budget.spend(1, 0)
     if isinstance(value, str):
         budget.spend(0, len(value))
-        return value
+        return _valid_text(value)
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
@@ -228,12 +274,22 @@ def _plain_key(key: Any, budget: _Budget) -> str:
     # Go's YAML-to-JSON conversion turns scalar keys into their text.
     if isinstance(key, bool):
         text = "true" if key else "false"
-    elif isinstance(key, str | int | float):
+    elif isinstance(key, str):
+        text = _valid_text(key)
+    elif isinstance(key, int | float):
         text = str(key)
     else:
         raise ManifestError(f"mapping key of type {type(key).__name__} is not allowed")
     budget.spend(0, len(text))
     return text
+
+
+def _valid_text(text: str) -> str:
+    """`text` with lone surrogates (JSON's `"\\ud800"`) made U+FFFD, as Go's decoder does:
+    they cannot be encoded as UTF-8, so SQLite and every edge would refuse the object."""
+    if text.isascii():
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text)
 
 
 def _plain_scalar(value: Any, budget: _Budget) -> str:
