@@ -31,6 +31,7 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -131,10 +132,8 @@ class Worker:
     async def _report(self, edge: SimEdge, session: int) -> None:
         reported = 0
         while True:
-            try:
+            with suppress(SimEdgeDisconnected):
                 await edge.wait_for_messages(reported + 1, within=float("inf"))
-            except SimEdgeDisconnected:
-                pass
             for item in edge.received[reported:]:
                 emit("message", **describe(item.message, session))
             reported = len(edge.received)

@@ -187,6 +187,7 @@ class EdgeProcess:
         self.events: list[dict[str, Any]] = []
         self.process: trio.Process | None = None
         self.stderr_path = rig.root / f"{node}.stderr"
+        self.events_path = rig.root / f"{node}.events.jsonl"
         self._changed = trio.Event()
 
     async def start(self, nursery: trio.Nursery, token: str) -> None:
@@ -266,9 +267,12 @@ class EdgeProcess:
         await self.process.stdin.send_all(text.encode() + b"\n")
 
     async def stop(self) -> None:
+        """End the worker; what it reported stays in `<root>/<node>.events.jsonl`."""
         process = self.process
         if process is None:
             return
+        with self.events_path.open("w") as file:
+            file.writelines(json.dumps(event) + "\n" for event in self.events)
         with trio.CancelScope(shield=True):
             if process.returncode is None and process.stdin is not None:
                 with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -427,7 +431,7 @@ async def open_rig(
     initial: Callable[[Rig], None] | None = None,
 ) -> AsyncIterator[Rig]:
     """Lab, hub and two edges (`edge-a` faulty, `edge-b` healthy), connected and synced."""
-    root.mkdir(parents=True, exist_ok=True)
+    await trio.Path(root).mkdir(parents=True, exist_ok=True)
     lab = await trio.to_thread.run_sync(NetLab.create, 2)
     hub: HubProcess | None = None
     rig: Rig | None = None

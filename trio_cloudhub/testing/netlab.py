@@ -70,9 +70,8 @@ def run(args: Sequence[str], *, stdin: str | None = None, check: bool = True) ->
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise NetLabError(f"{' '.join(args)}: {exc}") from None
     if check and done.returncode != 0:
-        raise NetLabError(
-            f"{' '.join(args)} exited with {done.returncode}: {(done.stderr or done.stdout).strip()}"
-        )
+        output = (done.stderr or done.stdout).strip()
+        raise NetLabError(f"{' '.join(args)} exited with {done.returncode}: {output}")
     return done.stdout
 
 
@@ -228,7 +227,21 @@ class NetLab:
             run(["ip", "netns", "add", namespace])
             edge = EdgeNet(index, namespace, str(address), host_link)
             self.edges.append(edge)
-            run(["ip", "link", "add", host_link, "type", "veth", "peer", "name", "eth0", "netns", namespace])
+            run(
+                [
+                    "ip",
+                    "link",
+                    "add",
+                    host_link,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    namespace,
+                ]
+            )
             run(["ip", "link", "set", host_link, "master", self.bridge, "up"])
             ns = ["ip", "-n", namespace]
             run([*ns, "addr", "add", f"{address}/{prefix}", "dev", "eth0"])
