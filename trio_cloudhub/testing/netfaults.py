@@ -26,6 +26,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, closing, suppress
 from pathlib import Path
@@ -165,6 +166,11 @@ class MemoryWatch:
             "hub_rss_mb_max": round(self.max_kb / 1024, 1),
             "hub_rss_mb_growth": round((self.max_kb - self.baseline_kb) / 1024, 1),
         }
+
+
+def _http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as answer:
+        return str(answer.read().decode())
 
 
 # --- an edge in its namespace ---------------------------------------------------------------
@@ -336,9 +342,10 @@ class Rig:
     nursery: trio.Nursery
     edge_keepalive: float = EDGE_KEEPALIVE
     edges: list[EdgeProcess] = attrs.field(factory=list)
-    # node -> resource -> (data digest) of what the manifests place there
-    want: dict[str, dict[str, str]] = attrs.field(factory=dict)
-    files: dict[str, list[dict[str, Any]]] = attrs.field(factory=dict)
+    # manifest file -> (node, resource -> data digest) of what it places on that node
+    placed: dict[str, tuple[str, dict[str, str]]] = attrs.field(factory=dict)
+    # packets the last fault replaced had dropped, per direction
+    dropped: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def faulty(self) -> EdgeProcess:
@@ -349,19 +356,25 @@ class Rig:
         return self.edges[1]
 
     def publish(self, node: str, name: str, docs: list[dict[str, Any]]) -> float:
-        """Write manifest file `name` holding everything of `node`; returns the wall time."""
-        self.files[name] = docs
-        placed = {resource_of(doc): data_digest(doc) for doc in docs}
-        self.want[node] = placed
+        """Write manifest file `name`, whose objects all go to `node`; returns the wall time."""
+        self.placed[name] = (node, {resource_of(doc): data_digest(doc) for doc in docs})
         began = time.time()
         write_manifests(self.hub.manifests, name, docs)
         return began
+
+    def want(self, node: str) -> dict[str, str]:
+        """Resource -> data digest of everything the manifests place on `node`."""
+        found: dict[str, str] = {}
+        for owner, resources in self.placed.values():
+            if owner == node:
+                found.update(resources)
+        return found
 
     def mismatches(self, edge: EdgeProcess) -> list[str]:
         versions = stored_versions(self.hub)
         held = edge.holds()
         problems = []
-        for resource, digest in sorted(self.want.get(edge.node, {}).items()):
+        for resource, digest in sorted(self.want(edge.node).items()):
             have = held.get(resource)
             if have is None:
                 problems.append(f"missing {resource}")
@@ -380,7 +393,7 @@ class Rig:
                 problems = self.mismatches(edge)
                 if not problems:
                     held = edge.holds()
-                    return max(held[r].at for r in self.want.get(edge.node, {}))
+                    return max(held[r].at for r in self.want(edge.node))
                 with trio.move_on_after(0.2):
                     await edge._changed.wait()
         raise AssertionError(
@@ -389,12 +402,13 @@ class Rig:
         )
 
     async def set_fault(self, fault: Fault, index: int = 0) -> float:
+        """Replace edge `index`'s fault; what the one before dropped goes to `dropped`."""
+        self.dropped = await trio.to_thread.run_sync(self.lab.dropped, index)
         await trio.to_thread.run_sync(self.lab.set_fault, index, fault)
         return time.time()
 
     async def heal(self, index: int = 0) -> float:
-        await trio.to_thread.run_sync(self.lab.heal, index)
-        return time.time()
+        return await self.set_fault(Fault(), index)
 
     def log_lines(self, text: str, since: float = 0.0) -> list[str]:
         return [
@@ -411,6 +425,16 @@ class Rig:
                     return found[0]
                 await trio.sleep(0.05)
         raise AssertionError(f"no hub log line with {text!r} within {within} s")
+
+    async def hub_counter(self, name: str) -> float:
+        """The value of one unlabelled metric of the hub (Prometheus text)."""
+        line = await self.wait_log("serving: websocket port", 0.0, 5.0)
+        match = re.search(r"metrics port (\d+)", line)
+        assert match, f"no metrics port in {line!r}"
+        url = f"http://127.0.0.1:{match.group(1)}/metrics"
+        text = await trio.to_thread.run_sync(_http_get, url)
+        found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
 
     def errors_logged(self) -> list[str]:
         return [
@@ -543,6 +567,8 @@ def check_common(rig: Rig, probe: Probe, figures: Figures, *, healthy_bound: flo
     """The invariants every scenario shares, and their figures."""
     figures.update(rig.memory.figures())
     figures.update(probe.figures())
+    if rig.dropped:
+        figures["dropped_packets"] = dict(rig.dropped)
     healthy = rig.healthy
     figures["healthy_sessions"] = healthy.count("connected")
     figures["healthy_delayed"] = bool(
@@ -590,6 +616,7 @@ async def silent_partition(root: Path, *, keepalive: float = 3.0) -> Figures:
             "faulty_sessions": edge.count("connected"),
         }
         check_common(rig, probe, figures, healthy_bound=keepalive / 2)
+        assert rig.dropped["to_edge"] and rig.dropped["to_hub"], figures
         assert "keepalive timeout" in line, line
         assert detected - began <= keepalive + 1, figures
         return figures
@@ -622,16 +649,25 @@ async def one_way(root: Path, *, direction: str, keepalive: float = 3.0) -> Figu
             "faulty_sessions": edge.count("connected"),
         }
         check_common(rig, probe, figures, healthy_bound=keepalive / 2)
+        blocked, open_ = ("to_hub", "to_edge") if direction == "to_hub" else ("to_edge", "to_hub")
+        assert rig.dropped[blocked] and not rig.dropped[open_], figures
         if direction == "to_hub":  # no keepalive reaches the hub
             assert ended and log_line_time(ended[0]) - began <= keepalive + 1, figures
         return figures
 
 
 async def packet_loss(
-    root: Path, *, percent: int, keepalive: float = 4.0, generations: int = 6, objects: int = 8
+    root: Path,
+    *,
+    percent: int,
+    keepalive: float = 4.0,
+    generations: int = 6,
+    objects: int = 8,
+    hold: float = 8.0,
 ) -> Figures:
     """`percent` % of the packets lost each way while `generations` changes of `objects`
-    config maps are delivered; the loss stays on for a while, then the network heals."""
+    config maps are delivered; the loss stays on for at least `hold` s (two keepalive
+    intervals: sessions must live through it or come back), then the network heals."""
     async with open_rig(root, keepalive_interval=keepalive) as rig, probing(rig) as probe:
         edge = rig.faulty
         rig.publish("edge-a", "edge-a.yaml", base_docs("edge-a", 1, objects))
@@ -644,6 +680,7 @@ async def packet_loss(
         converged_under_loss: float | None = None
         with trio.move_on_after(20.0):
             converged_under_loss = await rig.converge(edge, within=20.0)
+        await trio.sleep(max(0.0, began + hold - time.time()))
         healed = await rig.heal()
         arrived = await rig.converge(edge)
         figures: Figures = {
@@ -658,6 +695,7 @@ async def packet_loss(
             "hub_sessions_ended": len(rig.log_lines("node edge-a disconnected", began)),
         }
         check_common(rig, probe, figures, healthy_bound=keepalive / 2)
+        assert rig.dropped["to_edge"] and rig.dropped["to_hub"], f"no packet lost: {figures}"
         return figures
 
 
@@ -666,45 +704,53 @@ async def slow_link(
     *,
     rate: str = "64kbit",
     secret_bytes: int = 1024 * 1024,
+    secrets: int = 1,
     write_timeout: float = 3.0,
     ack_timeout: float = 2.0,
     within: float = 600.0,
 ) -> Figures:
-    """A `rate` link (tbf, both ways) and a secret whose base64 text is `secret_bytes` long:
-    it must arrive whole, the session must survive while bytes move."""
-    raw = os.urandom(secret_bytes * 3 // 4)
+    """A `rate` link (tbf, both ways) and `secrets` secrets whose base64 text is
+    `secret_bytes` long each (one manifest file each: the embedded store reads files of up to
+    4 MiB): they must arrive whole and once, the session must survive while bytes move."""
     async with open_rig(root, write_timeout=write_timeout, ack_timeout=ack_timeout) as rig:
         edge = rig.faulty
         await trio.to_thread.run_sync(rig.lab.shape, 0, rate)
         sessions = edge.count("connected")
+        retransmitted = await rig.hub_counter("trio_cloudhub_retransmissions_total")
+        names = [f"edge-a-secret-{i}" for i in range(secrets)]
         async with probing(rig) as probe:
+            began = time.time()
+            for name in names:
+                payload = os.urandom(secret_bytes * 3 // 4)
+                rig.publish("edge-a", f"{name}.yaml", [secret(name, payload)])
             docs = a_docs(1)
-            docs.insert(0, secret("edge-a-secret", raw))
-            docs[-1] = pod(
-                "edge-a-pod",
-                "edge-a",
-                config_maps=[f"edge-a-cm-{i}" for i in range(3)],
-                secrets=["edge-a-secret"],
-            )
-            began = rig.publish("edge-a", "edge-a.yaml", docs)
+            config_maps = [f"edge-a-cm-{i}" for i in range(3)]
+            docs[-1] = pod("edge-a-pod", "edge-a", config_maps=config_maps, secrets=names)
+            rig.publish("edge-a", "edge-a.yaml", docs)
             arrived = await rig.converge(edge, within=within)
-        copies = sum(1 for e in edge.messages() if e["resource"] == "default/secret/edge-a-secret")
+        resources = {f"default/secret/{name}" for name in names}
+        copies = sum(1 for e in edge.messages() if e["resource"] in resources)
         seconds = arrived - began
+        sent = secret_bytes * secrets
         figures: Figures = {
             "scenario": "slow_link",
             "rate": rate,
+            "secrets": secrets,
             "secret_base64_bytes": secret_bytes,
             "write_timeout_s": write_timeout,
             "ack_timeout_s": ack_timeout,
             "deliver_s": round(seconds, 3),
-            "goodput_kbit_s": round(secret_bytes * 8 / 1000 / seconds, 1) if seconds else None,
+            "goodput_kbit_s": round(sent * 8 / 1000 / seconds, 1) if seconds else None,
             "secret_copies_received": copies,
+            "hub_retransmissions": (
+                await rig.hub_counter("trio_cloudhub_retransmissions_total") - retransmitted
+            ),
             "faulty_reconnects": edge.count("connected") - sessions,
             "hub_sessions_ended": len(rig.log_lines("node edge-a disconnected", began)),
-            "retransmissions_logged": len(rig.log_lines("no ACK for", began)),
         }
         check_common(rig, probe, figures, healthy_bound=1.0)
         assert figures["faulty_reconnects"] == 0, (figures, rig.log_lines("disconnected"))
+        assert copies == secrets, f"copies sent behind themselves: {figures}"
         return figures
 
 
@@ -728,6 +774,7 @@ async def half_open(root: Path, *, keepalive: float = 20.0) -> Figures:
         rig.publish("edge-a", "edge-a.yaml", docs)
         await trio.sleep(1.0)
         healed = await rig.set_fault(Fault(100, 100, edge_port=forgot["local_port"]))
+        partition_dropped = dict(rig.dropped)
         await edge.wait_for(lambda e: e["event"] == "connected", keepalive, start=mark)
         arrived = await rig.converge(edge)
         ended = rig.log_lines("node edge-a disconnected", began)
@@ -740,6 +787,7 @@ async def half_open(root: Path, *, keepalive: float = 20.0) -> Figures:
             "faulty_sessions": edge.count("connected"),
         }
         check_common(rig, probe, figures, healthy_bound=2.0)
+        assert partition_dropped["to_edge"] and partition_dropped["to_hub"], figures
         assert ended and "replaced by a new connection" in ended[0], (figures, ended)
         assert arrived - healed < keepalive - 2, figures
         return figures

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import os
 import re
 import shutil
@@ -168,8 +169,8 @@ def _drop_rule(percent: int, port_match: str) -> str:
     if percent <= 0:
         return ""
     if percent >= 100:
-        return f"meta protocol ip {port_match}drop"
-    return f"meta protocol ip {port_match}numgen random mod 100 < {percent} drop"
+        return f"meta protocol ip {port_match}counter drop"
+    return f"meta protocol ip {port_match}numgen random mod 100 < {percent} counter drop"
 
 
 @attrs.define
@@ -310,6 +311,21 @@ class NetLab:
         run([*edge.exec_prefix(), "tc", "qdisc", "delete", "dev", "eth0", "root"], check=False)
         run(["tc", "qdisc", "delete", "dev", edge.host_link, "root"], check=False)
         edge.shaped = False
+
+    def dropped(self, index: int) -> dict[str, int]:
+        """Packets the current fault dropped so far: {"to_edge": n, "to_hub": n}."""
+        text = run([*self.edges[index].exec_prefix(), "nft", "-j", "list", "ruleset"])
+        found = {"to_edge": 0, "to_hub": 0}
+        for item in json.loads(text).get("nftables", []):
+            rule = item.get("rule")
+            if not rule:
+                continue
+            direction = "to_edge" if rule.get("chain") == "ingress" else "to_hub"
+            for expression in rule.get("expr", []):
+                counter = expression.get("counter") if isinstance(expression, dict) else None
+                if counter:
+                    found[direction] += int(counter.get("packets", 0))
+        return found
 
     def nft_counters(self, index: int) -> str:
         """The edge's rule set as nft prints it (for a failing test's message)."""
