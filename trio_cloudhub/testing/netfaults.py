@@ -50,12 +50,17 @@ Figures = dict[str, Any]
 # --- manifests ------------------------------------------------------------------------------
 
 
-def config_map(name: str, gen: int) -> dict[str, Any]:
+def config_map(name: str, gen: int, size: int = 0) -> dict[str, Any]:
+    """`size` > 0 adds that many bytes of text (a different text per generation)."""
+    data = {"gen": str(gen)}
+    if size:
+        data["text"] = hashlib.sha256(f"{name}/{gen}".encode()).hexdigest() * (size // 64 + 1)
+        data["text"] = data["text"][:size]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": name, "namespace": "default"},
-        "data": {"gen": str(gen)},
+        "data": data,
     }
 
 
@@ -504,10 +509,12 @@ async def open_rig(
             await trio.to_thread.run_sync(lab.close)
 
 
-def base_docs(node: str, gen: int, count: int = 3) -> list[dict[str, Any]]:
-    """A pod on `node` using `count` config maps `<node>-cm-<i>`, all at generation `gen`."""
+def base_docs(node: str, gen: int, count: int = 3, size: int = 0) -> list[dict[str, Any]]:
+    """A pod on `node` using `count` config maps `<node>-cm-<i>` (of `size` bytes of text),
+    all at generation `gen`."""
     names = [f"{node}-cm-{i}" for i in range(count)]
-    return [*(config_map(n, gen) for n in names), pod(f"{node}-pod", node, config_maps=names)]
+    maps = [config_map(n, gen, size) for n in names]
+    return [*maps, pod(f"{node}-pod", node, config_maps=names)]
 
 
 # --- the healthy edge's probe ---------------------------------------------------------------
@@ -563,7 +570,17 @@ async def probing(rig: Rig) -> AsyncIterator[Probe]:
         nursery.cancel_scope.cancel()
 
 
-def check_common(rig: Rig, probe: Probe, figures: Figures, *, healthy_bound: float) -> None:
+MEMORY_BOUND_MB = 32.0  # hub RSS growth allowed during a scenario with small objects
+
+
+def check_common(
+    rig: Rig,
+    probe: Probe,
+    figures: Figures,
+    *,
+    healthy_bound: float,
+    memory_bound_mb: float = MEMORY_BOUND_MB,
+) -> None:
     """The invariants every scenario shares, and their figures."""
     figures.update(rig.memory.figures())
     figures.update(probe.figures())
@@ -579,6 +596,8 @@ def check_common(rig: Rig, probe: Probe, figures: Figures, *, healthy_bound: flo
     assert not figures["healthy_delayed"], f"the healthy edge was delayed: {probe.figures()}"
     errors = rig.errors_logged()
     assert not errors, "\n".join(errors[:10])
+    growth = figures["hub_rss_mb_growth"]
+    assert growth <= memory_bound_mb, f"hub RSS grew by {growth} MB (bound {memory_bound_mb})"
 
 
 # --- scenarios ------------------------------------------------------------------------------
@@ -663,6 +682,7 @@ async def packet_loss(
     keepalive: float = 4.0,
     generations: int = 6,
     objects: int = 8,
+    size: int = 16 * 1024,
     hold: float = 8.0,
 ) -> Figures:
     """`percent` % of the packets lost each way while `generations` changes of `objects`
@@ -670,12 +690,12 @@ async def packet_loss(
     intervals: sessions must live through it or come back), then the network heals."""
     async with open_rig(root, keepalive_interval=keepalive) as rig, probing(rig) as probe:
         edge = rig.faulty
-        rig.publish("edge-a", "edge-a.yaml", base_docs("edge-a", 1, objects))
+        rig.publish("edge-a", "edge-a.yaml", base_docs("edge-a", 1, objects, size))
         await rig.converge(edge)
         sessions = edge.count("connected")
         began = await rig.set_fault(Fault.loss(percent))
         for gen in range(2, generations + 2):
-            rig.publish("edge-a", "edge-a.yaml", base_docs("edge-a", gen, objects))
+            rig.publish("edge-a", "edge-a.yaml", base_docs("edge-a", gen, objects, size))
             await trio.sleep(0.5)
         converged_under_loss: float | None = None
         with trio.move_on_after(20.0):
@@ -690,7 +710,8 @@ async def packet_loss(
             "converged_under_loss_s": (
                 round(converged_under_loss - began, 3) if converged_under_loss else None
             ),
-            "deliver_after_heal_s": round(max(0.0, arrived - healed), 3),
+            # None: all was delivered before the heal
+            "deliver_after_heal_s": round(arrived - healed, 3) if arrived > healed else None,
             "faulty_reconnects": edge.count("connected") - sessions,
             "hub_sessions_ended": len(rig.log_lines("node edge-a disconnected", began)),
         }
@@ -748,7 +769,10 @@ async def slow_link(
             "faulty_reconnects": edge.count("connected") - sessions,
             "hub_sessions_ended": len(rig.log_lines("node edge-a disconnected", began)),
         }
-        check_common(rig, probe, figures, healthy_bound=1.0)
+        # What the hub holds of the secrets: manifests, store objects, queued message and its
+        # frame; each a few times their size at most.
+        bound = MEMORY_BOUND_MB + 8 * sent / 1024 / 1024
+        check_common(rig, probe, figures, healthy_bound=1.0, memory_bound_mb=bound)
         assert figures["faulty_reconnects"] == 0, (figures, rig.log_lines("disconnected"))
         assert copies == secrets, f"copies sent behind themselves: {figures}"
         return figures

@@ -11,7 +11,8 @@ Faults of edge i (`set_fault`) live where the edge's cable would be:
 - drops and random loss: an nftables `netdev` table on the namespace's `eth0`, `ingress`
   (hub→edge) and `egress` (edge→hub). Netdev hooks see packets after the IP stack: the sending
   TCP believes they left (a local `output` drop would make the kernel report it to TCP).
-  Only IPv4 is dropped: ARP keeps working, as behind a router whose far side is cut;
+  Only IPv4 is dropped: ARP keeps working, as behind a router whose far side is cut.
+  The lab's links have GSO limited to one segment, so a packet is one wire-sized segment;
 - bandwidth and delay: `tbf` on both ends of the veth (the edge's egress and the bridge
   port's egress toward the edge).
 
@@ -42,6 +43,11 @@ COMMAND_TIMEOUT = 20.0
 # against every address and route of the host before use.
 _FIRST_NET = int(ipaddress.IPv4Address("10.200.0.0"))
 _NETS = 50 * 256
+
+
+# One TCP segment per packet (no GSO super-packets of up to 64 KiB): a dropped packet is a
+# lost segment on the wire, and a loss rate means what it says.
+_WIRE_SIZED = ["gso_max_segs", "1"]
 
 
 class NetLabError(Exception):
@@ -166,8 +172,13 @@ class Fault:
 
 
 def _drop_rule(percent: int, port_match: str) -> str:
+    """nft rules for one direction: count every IPv4 packet, then drop `percent` %."""
     if percent <= 0:
         return ""
+    return f"meta protocol ip {port_match}counter\n    " + _drop(percent, port_match)
+
+
+def _drop(percent: int, port_match: str) -> str:
     if percent >= 100:
         return f"meta protocol ip {port_match}counter drop"
     return f"meta protocol ip {port_match}numgen random mod 100 < {percent} counter drop"
@@ -221,7 +232,7 @@ class NetLab:
         prefix = self.network.prefixlen
         run(["ip", "link", "add", self.bridge, "type", "bridge"])
         run(["ip", "addr", "add", f"{self.hub_address}/{prefix}", "dev", self.bridge])
-        run(["ip", "link", "set", self.bridge, "up"])
+        run(["ip", "link", "set", self.bridge, *_WIRE_SIZED, "up"])
         for index, address in enumerate(addresses):
             namespace = f"{PREFIX}-{self.run_id[:5]}-{self.run_id[5:]}-{index}"
             host_link = f"{PREFIX}v{self.run_id}{index}"
@@ -243,10 +254,10 @@ class NetLab:
                     namespace,
                 ]
             )
-            run(["ip", "link", "set", host_link, "master", self.bridge, "up"])
+            run(["ip", "link", "set", host_link, "master", self.bridge, *_WIRE_SIZED, "up"])
             ns = ["ip", "-n", namespace]
             run([*ns, "addr", "add", f"{address}/{prefix}", "dev", "eth0"])
-            run([*ns, "link", "set", "eth0", "up"])
+            run([*ns, "link", "set", "eth0", *_WIRE_SIZED, "up"])
             run([*ns, "link", "set", "lo", "up"])
 
     def close(self) -> None:
@@ -313,18 +324,22 @@ class NetLab:
         edge.shaped = False
 
     def dropped(self, index: int) -> dict[str, int]:
-        """Packets the current fault dropped so far: {"to_edge": n, "to_hub": n}."""
+        """Packets the current fault saw and dropped so far, per direction:
+        {"to_edge": dropped, "to_edge_seen": all, "to_hub": ..., "to_hub_seen": ...}."""
         text = run([*self.edges[index].exec_prefix(), "nft", "-j", "list", "ruleset"])
-        found = {"to_edge": 0, "to_hub": 0}
+        found = {"to_edge": 0, "to_edge_seen": 0, "to_hub": 0, "to_hub_seen": 0}
         for item in json.loads(text).get("nftables", []):
             rule = item.get("rule")
             if not rule:
                 continue
             direction = "to_edge" if rule.get("chain") == "ingress" else "to_hub"
-            for expression in rule.get("expr", []):
-                counter = expression.get("counter") if isinstance(expression, dict) else None
+            expressions = [e for e in rule.get("expr", []) if isinstance(e, dict)]
+            drops = any("drop" in e for e in expressions)
+            for expression in expressions:
+                counter = expression.get("counter")
                 if counter:
-                    found[direction] += int(counter.get("packets", 0))
+                    key = direction if drops else f"{direction}_seen"
+                    found[key] += int(counter.get("packets", 0))
         return found
 
     def nft_counters(self, index: int) -> str:
