@@ -5,13 +5,17 @@ trio_cloudhub.testing.edge_worker ...`, see `testing/netlab.py`): it bootstraps 
 over HTTPS, connects over WSS with the edge simulator's `SimEdge` (EdgeCore's headers,
 keepalive, auto-ACK) and, like EdgeCore, connects again whenever its connection ends. EdgeCore
 has no read deadline: a connection the hub ended silently is noticed only when TCP says so (a
-reset, or the hub's FIN once it gets through).
+reset, or the hub's FIN once it gets through). What it receives is applied to one model of
+EdgeCore's metaManager database (`edge_storage.MetaStore`) kept across its connections.
 
 Out (stdout), one JSON object per line, each with `t` (wall clock, unix seconds):
   {"event": "ready"}                                   certificate issued
   {"event": "connected", "session": n, "local_port": p}
   {"event": "message", "session": n, "op": ..., "resource": ..., "rv": ..., "uid": ...,
-   "msg_id": ..., "bytes": ..., "data_sha256": ...}    every message from the hub, on arrival
+   "msg_id": ..., "bytes": ..., "data_sha256": ...,
+   "held": {"rv": ..., "data_sha256": ...} or null}    every message from the hub, on arrival,
+                                                       with what the database now holds
+                                                       under its resource
   {"event": "disconnected", "session": n, "reason": ...}
   {"event": "connect_failed", "error": ...}
   {"event": "forgot", "session": n, "local_port": p}
@@ -46,6 +50,7 @@ from trio_cloudhub.testing.edge_sim import (
     bootstrap,
     start_sim_edge,
 )
+from trio_cloudhub.testing.edge_storage import EDGECORE_LINES, V1_23, MetaStore
 
 BOOTSTRAP_ATTEMPTS = 5
 
@@ -63,8 +68,15 @@ def data_digest(content: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def describe(message: Message, session: int) -> dict[str, Any]:
+def describe(message: Message, session: int, storage: MetaStore) -> dict[str, Any]:
     content = message.content
+    stored = storage.get(message.route.resource)
+    held = None
+    if stored is not None:
+        held = {
+            "rv": storage.resource_version(message.route.resource),
+            "data_sha256": data_digest(stored),
+        }
     size = len(json.dumps(content)) if isinstance(content, (dict, list)) else len(str(content))
     return {
         "session": session,
@@ -75,6 +87,7 @@ def describe(message: Message, session: int) -> dict[str, Any]:
         "msg_id": message.msg_id,
         "bytes": size,
         "data_sha256": data_digest(content),
+        "held": held,
     }
 
 
@@ -101,6 +114,7 @@ class Worker:
         self.context = identity.client_ssl_context()
         self.current: SimEdge | None = None
         self.session = 0
+        self.storage = MetaStore(args.edgecore)  # the edge's database outlives connections
 
     async def run_forever(self) -> None:
         while True:
@@ -121,6 +135,7 @@ class Worker:
                 args.node,
                 keepalive_interval=args.keepalive,
                 connect_timeout=args.connect_timeout,
+                storage=self.storage,
             )
             self.session += 1
             self.current = edge
@@ -135,7 +150,7 @@ class Worker:
             with suppress(SimEdgeDisconnected):
                 await edge.wait_for_messages(reported + 1, within=float("inf"))
             for item in edge.received[reported:]:
-                emit("message", **describe(item.message, session))
+                emit("message", **describe(item.message, session, self.storage))
             reported = len(edge.received)
             if not edge.connected:
                 return
@@ -203,6 +218,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keepalive", type=float, default=15.0)
     parser.add_argument("--retry", type=float, default=0.2, help="wait before reconnecting")
     parser.add_argument("--connect-timeout", type=float, default=10.0)
+    parser.add_argument("--edgecore", choices=EDGECORE_LINES, default=V1_23)
     return parser.parse_args(argv)
 
 

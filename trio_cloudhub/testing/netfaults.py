@@ -10,8 +10,9 @@ keepalive, auto-ACK, reconnect; every message it receives reported as a JSON lin
 The scenarios (`SCENARIOS`) are used by the tests (tests/netns, CI sizes) and by
 `bench/netfaults.py` (full sizes); each returns its figures and raises AssertionError when an
 invariant breaks: every edge ends holding the newest version of every object meant for it
-(resourceVersion as in the store's database, content checked by digest), the healthy edge
-stays connected and keeps getting its deliveries, the hub logs no error.
+(in the worker's model of EdgeCore's metaManager database: the resourceVersion the store's
+database has, the content checked by digest), the healthy edge stays connected and keeps
+getting its deliveries at normal latency, the hub's memory stays bounded and it logs no error.
 """
 
 from __future__ import annotations
@@ -318,20 +319,18 @@ class EdgeProcess:
         return [e for e in self.events if e["event"] == "message" and e["t"] >= since]
 
     def holds(self) -> dict[str, Held]:
-        """What EdgeCore's store would hold: per resource the newest insert/update, deletes
-        removing it (judged from the messages, as EdgeCore's meta manager applies them)."""
+        """What the edge's database (the worker's model of EdgeCore's metaManager) holds now,
+        per resource, with the time it came to hold that version."""
         held: dict[str, Held] = {}
         for event in self.messages():
-            if not event["uid"] or event["op"] not in ("insert", "update", "delete"):
-                continue
-            resource = event["resource"]
-            if event["op"] == "delete":
+            resource, now = event["resource"], event.get("held")
+            if now is None:
                 held.pop(resource, None)
                 continue
-            rv = int(event["rv"] or 0)
+            rv, digest = int(now["rv"] or 0), now["data_sha256"]
             old = held.get(resource)
-            if old is None or rv >= old.rv:
-                held[resource] = Held(rv, event["data_sha256"], event["t"])
+            if old is None or (old.rv, old.digest) != (rv, digest):
+                held[resource] = Held(rv, digest, event["t"])
         return held
 
 
