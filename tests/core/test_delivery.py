@@ -138,3 +138,24 @@ def test_custom_interval_and_max_sends() -> None:
 def test_rejects_bad_parameters(interval: float, max_sends: int) -> None:
     with pytest.raises(ValueError):
         Delivery(make_message(), now=0.0, interval=interval, max_sends=max_sends)
+
+
+def test_count_from_moves_the_deadline_to_when_the_copy_left() -> None:
+    """A write that took 20 s (a slow link): the interval counts from its end, so the copy is
+    not sent again the moment the write returns."""
+    delivery = Delivery(make_message(), now=0.0)
+    assert isinstance(delivery.poll(0.0), Send)
+    delivery.count_from(20.0)
+    assert delivery.poll(20.0) == WaitUntil(25.0)
+    assert isinstance(delivery.poll(25.0), Send)
+
+
+def test_count_from_never_shortens_the_wait_or_revives_a_finished_delivery() -> None:
+    delivery = Delivery(make_message(), now=0.0)
+    delivery.count_from(3.0)  # nothing sent yet: nothing to wait for
+    assert isinstance(delivery.poll(0.0), Send)
+    delivery.count_from(-10.0)
+    assert delivery.poll(1.0) == WaitUntil(5.0)
+    assert delivery.on_ack(delivery.msg_id)
+    delivery.count_from(100.0)
+    assert delivery.poll(1.0) == Acked()

@@ -9,7 +9,10 @@ Rules:
 4. After the `max_sends`-th transmission and one more `interval` without an ACK, `poll`
    answers `GiveUp` (and keeps answering it); the caller hands the message back to the node
    queue with `NodeQueue.failed`, which retries it later with a back-off.
-5. `on_ack(parent_msg_id)` matches the message's own `msg_id`; any other id is ignored (the
+5. `count_from(now)`: the last copy left only at `now` (its write took long, or it was
+   still on its way at the deadline: a slow link, whose edge TCP had not acknowledged all of
+   it); the `interval` counts from then, so a copy is never sent again behind itself.
+6. `on_ack(parent_msg_id)` matches the message's own `msg_id`; any other id is ignored (the
    edge may ACK an older message late), and so is a duplicate ACK or one after `GiveUp`.
    Once acknowledged, `poll` answers `Acked`.
 
@@ -121,6 +124,12 @@ class Delivery:
             self._gave_up = True
             return GiveUp(self.sends)
         return self._send(now)
+
+    def count_from(self, now: float) -> None:
+        """The last copy left or reached the edge only at `now` (rule 5): wait `interval`
+        from then."""
+        if self.sends and not self.done:
+            self._deadline = max(self._deadline, now + self.interval)
 
     def on_ack(self, parent_msg_id: str) -> bool:
         """True if this ACK completes the delivery: our `msg_id`, first ACK, not given up."""

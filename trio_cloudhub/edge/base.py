@@ -22,6 +22,18 @@ class EdgeConnection(Protocol):
         """`host:port` of the peer, for logs."""
         ...
 
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds after which the transport itself ends the connection when the bytes sent
+        stop being acknowledged (a progress deadline); 0 when it does not, and the session
+        bounds each write instead."""
+        ...
+
+    def bytes_in_flight(self) -> int:
+        """Bytes written that the peer has not acknowledged yet (the kernel's send queue);
+        0 when the transport cannot tell."""
+        ...
+
     async def receive(self) -> str | bytes:
         """The next whole message (text or binary); raises EdgeDisconnected."""
         ...

@@ -50,6 +50,13 @@ class MemoryHubEnd:
     def remote(self) -> str:
         return f"memory:{self._node_id}"
 
+    @property
+    def stall_timeout(self) -> float:
+        return 0.0
+
+    def bytes_in_flight(self) -> int:
+        return 0
+
     async def receive(self) -> str | bytes:
         try:
             return await self._up.receive()

@@ -493,6 +493,13 @@ class QuicEdgeConnection:
     def remote(self) -> str:
         return self._protocol.remote
 
+    @property
+    def stall_timeout(self) -> float:
+        return 0.0  # send() never blocks: aioquic buffers what it cannot send yet
+
+    def bytes_in_flight(self) -> int:
+        return 0
+
     # called by the protocol
 
     def identified(self, node_id: str, project_id: str) -> None:

@@ -19,18 +19,27 @@ Rules of a connection:
   we send every message as one text frame;
 - a TCP close or TLS EOF without a close frame is a normal disconnect: `EdgeDisconnected`;
 - `receive()` is cancel-safe (partial messages live on the object), so callers may wrap it in
-  moving deadlines; `send()` is not: a send cancelled half-way breaks the connection.
+  moving deadlines; `send()` is not: a send cancelled half-way breaks the connection;
+- the server's `write_timeout` is a progress deadline, not a bound on one write: the kernel
+  ends a connection whose sent bytes the peer has not acknowledged for that long (a vanished
+  peer, or a receive window that stays closed because it stopped reading; TCP_USER_TIMEOUT),
+  while bytes still moving keep it open however slow the link (`stall_timeout`).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
+import fcntl
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import struct
+import sys
+import termios
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NoReturn
@@ -74,6 +83,8 @@ Authenticate = Callable[[str, bytes | None], str | None]
 HandshakeFailed = Callable[[str], None]
 # What trio raises when the peer vanished or the TLS layer failed under us.
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+# ioctl: bytes in a TCP socket's send queue (Linux's SIOCOUTQ is TIOCOUTQ).
+_SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 
 
 class HandshakeRejected(Exception):
@@ -106,6 +117,7 @@ class WebSocketConnection:
         "_remote",
         "_send_lock",
         "_size",
+        "_stall_timeout",
         "_ws",
         "_ws_events",
         "stream",
@@ -121,8 +133,10 @@ class WebSocketConnection:
         remote: str,
         max_message_size: int,
         trailing: bytes = b"",
+        stall_timeout: float = 0.0,
     ) -> None:
-        """`ws` must not hold received bytes: bytes read after the upgrade go in `trailing`."""
+        """`ws` must not hold received bytes: bytes read after the upgrade go in `trailing`.
+        `stall_timeout`: the progress deadline the kernel enforces on the socket (0: none)."""
         self.stream = stream
         self._ws = ws
         self._node_id = node_id
@@ -145,6 +159,7 @@ class WebSocketConnection:
         # wsproto may have events to hand out (we fed it bytes since it last ran dry).
         self._ws_events = True
         self._read_some = _TlsReader.of(stream) or partial(stream.receive_some, RECEIVE_BYTES)
+        self._stall_timeout = stall_timeout
 
     @property
     def node_id(self) -> str:
@@ -157,6 +172,25 @@ class WebSocketConnection:
     @property
     def remote(self) -> str:
         return self._remote
+
+    @property
+    def stall_timeout(self) -> float:
+        """Seconds without progress (sent bytes acknowledged) after which the kernel ends the
+        connection; 0 when nothing below us does."""
+        return self._stall_timeout
+
+    def bytes_in_flight(self) -> int:
+        """What the kernel holds of what we sent: not sent yet or not acknowledged (SIOCOUTQ,
+        Linux; 0 elsewhere or on a stream that is not a socket)."""
+        stream = self.stream
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if not isinstance(transport, trio.SocketStream) or _SIOCOUTQ is None:
+            return 0
+        try:
+            answer = fcntl.ioctl(transport.socket.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(answer, sys.byteorder, signed=True)
 
     def __repr__(self) -> str:
         return f"<WebSocketConnection node={self._node_id!r} remote={self._remote}>"
@@ -173,7 +207,7 @@ class WebSocketConnection:
             try:
                 data = await self._read_some()
             except _BROKEN as exc:
-                self._fail(f"connection lost: {_describe(exc)}")
+                self._fail(self._lost(exc))
                 continue
             if not data:
                 self._fail("closed without a close frame")
@@ -302,6 +336,11 @@ class WebSocketConnection:
             with contextlib.suppress(EdgeDisconnected):
                 await self._send_bytes(data)
 
+    def _lost(self, exc: BaseException) -> str:
+        if self._stall_timeout and _timed_out(exc):
+            return f"no write progress for {self._stall_timeout:g} s"
+        return f"connection lost: {_describe(exc)}"
+
     def _fail(self, reason: str) -> None:
         if not self._closed:
             self._closed = reason
@@ -344,7 +383,7 @@ class WebSocketConnection:
         try:
             await self.stream.send_all(data)
         except _BROKEN as exc:
-            self._fail(f"connection lost: {_describe(exc)}")
+            self._fail(self._lost(exc))
             raise EdgeDisconnected(self._closed) from None
         except BaseException:
             # Cancelled half-way: an unknown part of the frame went out, the stream is unusable.
@@ -556,6 +595,32 @@ def _ignore_failure(reason: str) -> None:
     pass
 
 
+def _timed_out(exc: BaseException) -> bool:
+    """Whether the kernel gave up on the connection (ETIMEDOUT somewhere in the chain)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno == errno.ETIMEDOUT:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def bound_stalls(tcp: trio.SocketStream, timeout: float) -> float:
+    """Have the kernel end the connection once sent data stays unacknowledged for `timeout`
+    seconds (also a zero window: since Linux 5.11 the user timeout bounds zero-window probing);
+    returns `timeout`, or 0 where TCP_USER_TIMEOUT does not exist or cannot be set."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if timeout <= 0 or option is None:
+        return 0.0
+    try:
+        tcp.setsockopt(socket.IPPROTO_TCP, option, max(1, round(timeout * 1000)))
+    except OSError:
+        return 0.0
+    return timeout
+
+
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__
     return f"{type(cause).__name__}: {cause}" if cause else type(exc).__name__
@@ -572,6 +637,7 @@ async def serve_websocket(
     port: int,
     max_message_size: int,
     handshake_timeout: float = 30.0,
+    write_timeout: float = 0.0,
     authenticate: Authenticate | None = None,
     on_handshake_failure: HandshakeFailed | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
@@ -584,6 +650,7 @@ async def serve_websocket(
     the reason to refuse: the edge gets HTTP 403, a WARNING is logged and `handler` never runs.
     It must be quick and must not raise (e.g. `pki.identity.connection_identity_problem`).
     `on_handshake_failure(reason)` hears of every connection that never reached `handler`.
+    `write_timeout` > 0: the progress deadline of every connection (`bound_stalls`).
     `task_status.started(port)` reports the bound port (useful with port 0).
     """
     listeners = await trio.open_tcp_listeners(port, host=host or None)
@@ -594,6 +661,7 @@ async def serve_websocket(
         ssl_context=ssl_context,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
+        write_timeout=write_timeout,
         authenticate=authenticate,
         on_failure=on_handshake_failure or _ignore_failure,
     )
@@ -611,15 +679,17 @@ async def _serve_connection(
     ssl_context: ssl.SSLContext,
     max_message_size: int,
     handshake_timeout: float,
+    write_timeout: float = 0.0,
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
 ) -> None:
     remote = _peer_of(tcp)
+    stall_timeout = bound_stalls(tcp, write_timeout)
     connection: WebSocketConnection | None = None
     with trio.move_on_after(handshake_timeout) as scope:
         try:
             connection = await _accept(
-                tcp, ssl_context, remote, max_message_size, authenticate, on_failure
+                tcp, ssl_context, remote, max_message_size, authenticate, on_failure, stall_timeout
             )
         except Exception:
             # A bug on one connection must not end the listener (and the hub with it).
@@ -650,6 +720,7 @@ async def _accept(
     max_message_size: int,
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
+    stall_timeout: float = 0.0,
 ) -> WebSocketConnection | None:
     """TLS handshake, then the HTTP upgrade; None (after answering) when refused."""
     stream = trio.SSLStream(tcp, ssl_context, server_side=True)
@@ -686,6 +757,7 @@ async def _accept(
         remote=remote,
         max_message_size=max_message_size,
         trailing=trailing,
+        stall_timeout=stall_timeout,
     )
 
 

@@ -190,6 +190,7 @@ async def _serve_edges(
         host=websocket.address,
         port=websocket.port,
         max_message_size=config.trio_cloud_hub.max_message_size,
+        write_timeout=float(config.cloud_hub.write_timeout),
         authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
         on_handshake_failure=partial(hub.metrics.count_handshake, "websocket"),
         task_status=task_status,

@@ -5,8 +5,14 @@ Rules (spec 6.2, design 3):
   on each keepalive; other messages do not move it);
 - ACK-mode messages go one at a time (stop-and-wait), the same frame re-sent every
   `ackTimeout` seconds up to `ackMaxSends` times, then handed back to the queue with back-off;
-- a frame that is not a message, a write that does not finish within `writeTimeout`, or any
-  transport error ends the session; the node's queue stays for its next session.
+  the `ackTimeout` counts from when the edge's TCP has the whole copy (on a slow link, a
+  frame still in transit at its deadline is not sent again behind itself);
+- a frame that is not a message, `writeTimeout` seconds without write progress, or any
+  transport error ends the session; the node's queue stays for its next session. Progress is
+  the edge acknowledging bytes: a transport that can tell (WebSocket on Linux: the kernel's
+  TCP_USER_TIMEOUT, `conn.stall_timeout`) ends the connection itself, so a slow link that
+  still moves bytes keeps its session however long a write takes; on other transports each
+  write is bounded by `writeTimeout`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
     from trio_cloudhub.hub.hub import Hub
 
 log = logging.getLogger("trio_cloudhub.session")
+IN_FLIGHT_POLL = 0.25  # how often a copy still in transit at its ACK deadline is looked at
 
 
 class SessionEnded(Exception):
@@ -45,6 +52,9 @@ class NodeSession(NodeSessionHandle):
         self.transport = transport
         self._tracing = log.isEnabledFor(logging.DEBUG)  # -v=4: every message, by route
         self._delivery: Delivery | None = None
+        # The bound on one write, when the transport does not bound stalls itself.
+        timeout = hub.settings.write_timeout
+        self._write_timeout = timeout if timeout > 0 and not conn.stall_timeout else math.inf
         self._acked = trio.Event()
         # Metric hooks, bound once: the hot path pays a call and an increment.
         metrics = hub.metrics
@@ -169,6 +179,7 @@ class NodeSession(NodeSessionHandle):
                     if self._tracing:
                         self._trace(f"sending (attempt {action.attempt})", message)
                     await self._send(frame)
+                    delivery.count_from(trio.current_time())  # a slow write: from its end
                     if action.attempt == 1:
                         self._count_sent(message.operation)
                     else:
@@ -178,10 +189,25 @@ class NodeSession(NodeSessionHandle):
                         await self._acked.wait()
                     if self._acked.is_set():
                         return True
+                    await self._until_reached_edge(delivery)
                 else:
                     return isinstance(action, Acked)
         finally:
             self._delivery = None
+
+    async def _until_reached_edge(self, delivery: Delivery) -> None:
+        """On a slow link the last copy may still be on its way at the ACK deadline: sending
+        it again would only queue a duplicate behind it. Wait (or for the ACK) until the edge's
+        TCP has acknowledged everything written, then give the edge `ackTimeout` from there."""
+        if not self.conn.bytes_in_flight():
+            return
+        poll = min(delivery.interval / 4, IN_FLIGHT_POLL)
+        while self.conn.bytes_in_flight():
+            with trio.move_on_after(poll):
+                await self._acked.wait()
+            if self._acked.is_set():
+                return
+        delivery.count_from(trio.current_time())
 
     async def _no_ack_send_loop(self) -> None:
         while True:
@@ -193,8 +219,11 @@ class NodeSession(NodeSessionHandle):
             self._count_sent(message.operation)
 
     async def _send(self, frame: str) -> None:
-        timeout = self.hub.settings.write_timeout
-        with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:
+        timeout = self._write_timeout
+        if timeout == math.inf:
+            await self.conn.send(frame)
+            return
+        with trio.move_on_after(timeout) as scope:
             await self.conn.send(frame)
         if scope.cancelled_caught:
             raise SessionEnded(f"write did not finish within {timeout:g} s")
