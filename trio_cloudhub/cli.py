@@ -15,6 +15,7 @@ from pathlib import Path
 
 import trio
 
+from trio_cloudhub.cli_get import OUTPUTS, HubNotReachable, get
 from trio_cloudhub.config import (
     API_VERSION,
     MAX_CONFIG_BYTES,
@@ -29,7 +30,6 @@ from trio_cloudhub.http.kube_credentials import stored_kube_token
 from trio_cloudhub.hub.server import ServeInfo, serve
 from trio_cloudhub.logs import level_for, setup_logging
 from trio_cloudhub.store.base import StoreError
-from trio_cloudhub.store.local import read_reports
 
 log = logging.getLogger("trio_cloudhub")
 
@@ -102,9 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     token = commands.add_parser("token", help="print a valid join token for edges")
     _common_flags(token)
 
-    get = commands.add_parser("get", help="show what edges reported")
+    get = commands.add_parser(
+        "get", help="show the nodes the running hub knows, or the pods edges reported"
+    )
     get.add_argument("what", choices=("nodes", "pods"))
     _common_flags(get)
+    get.add_argument("-o", "--output", choices=OUTPUTS, help="wide, json or yaml")
+    get.add_argument(
+        "--admin",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a hub's admin endpoint (its metrics server, e.g. http://127.0.0.1:9091); "
+        "repeatable; default: the hubs announced in the data directory",
+    )
 
     show = commands.add_parser("config", help="print the effective configuration as YAML")
     _common_flags(show)
@@ -140,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"serve": _serve, "token": _token, "get": _get, "config": _show_config}
     try:
         return handlers[args.command](config, args)
-    except (ConfigError, CredentialsError, StoreError, OSError) as exc:
+    except (ConfigError, CredentialsError, StoreError, HubNotReachable, OSError) as exc:
         print(f"trio-cloudhub: {exc}", file=sys.stderr)
         return 1
 
@@ -241,15 +252,14 @@ def _token(config: Config, args: argparse.Namespace) -> int:
 
 
 def _get(config: Config, args: argparse.Namespace) -> int:
-    if config.store_kind == "kube":
-        raise ConfigError(f"edges report {args.what} to the cluster: use kubectl get {args.what}")
-    kind = "nodestatus" if args.what == "nodes" else "podstatus"
-    reports = read_reports(Path(config.trio_cloud_hub.data_dir), kind)
-    rows = [("NAME", "NODE", "STATUS", "REPORTED")]
-    rows += [(r.name, r.node, r.summary, str(r.updated)) for r in reports]
-    widths = [max(len(str(row[i])) for row in rows) for i in range(4)]
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+    printed = get(
+        args.what,
+        Path(config.trio_cloud_hub.data_dir),
+        store_kind=config.store_kind,
+        admin_urls=args.admin,
+        output=args.output,
+    )
+    print(printed, end="")
     return 0
 
 

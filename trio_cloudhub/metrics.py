@@ -39,11 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import http
+import ipaddress
+import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from functools import partial
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
+import attrs
 import h11
 import trio
 from prometheus_client import (
@@ -250,6 +253,10 @@ def _store_lag(lag: ChangeLag) -> Iterator[Metric]:
 # --- the HTTP server --------------------------------------------------------------------------
 
 METRICS_PATH = "/metrics"
+ADMIN_PREFIX = "/admin/"
+TEXT = "text/plain; charset=utf-8"
+AdminRoutes = Mapping[str, Callable[[], Awaitable[Any]]]
+"""Admin paths (under ADMIN_PREFIX) -> their JSON-able answer (see `hub.admin`)."""
 MAX_HEADER_BYTES = 8 * 1024
 MAX_BODY_BYTES = 8 * 1024  # a scrape has no body; whatever comes is read and dropped
 RECEIVE_BYTES = 16 * 1024
@@ -281,29 +288,38 @@ async def serve_metrics(
     host: str = "127.0.0.1",
     port: int = 9091,
     *,
+    admin: AdminRoutes | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve `GET /metrics` over plain HTTP/1.1 forever; `task_status.started(port)` once bound.
 
-    Plain HTTP on loopback by default, like CloudCore's monitor server. Other paths get 404,
-    other methods 405, a malformed or oversized request 400/413/431; one connection's bad
-    input or a failing collector never ends the server. OSError when it cannot listen.
+    Plain HTTP on loopback by default, like CloudCore's monitor server. `admin` paths answer
+    JSON, to loopback clients only (403 otherwise). Other paths get 404, other methods 405,
+    a malformed or oversized request 400/413/431; one connection's bad input or a failing
+    collector never ends the server. OSError when it cannot listen.
     """
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound: int = listeners[0].socket.getsockname()[1]
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
     log.info("metrics server listening on %s:%d%s", host or "*", bound, METRICS_PATH)
     task_status.started(bound)
-    await trio.serve_listeners(partial(_serve_connection, metrics, limiter), listeners)
+    handler = partial(_serve_connection, _Routes(metrics, admin or {}), limiter)
+    await trio.serve_listeners(handler, listeners)
     raise AssertionError("serve_listeners returned")  # pragma: no cover
 
 
+@attrs.frozen
+class _Routes:
+    metrics: Metrics
+    admin: AdminRoutes
+
+
 async def _serve_connection(
-    metrics: Metrics, limiter: trio.CapacityLimiter, stream: trio.SocketStream
+    routes: _Routes, limiter: trio.CapacityLimiter, stream: trio.SocketStream
 ) -> None:
     async with limiter:
         try:
-            await _serve_requests(metrics, stream)
+            await _serve_requests(routes, stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
             log.debug("metrics connection ended: %r", exc)
         except Exception:
@@ -313,7 +329,7 @@ async def _serve_connection(
             await trio.aclose_forcefully(stream)
 
 
-async def _serve_requests(metrics: Metrics, stream: trio.SocketStream) -> None:
+async def _serve_requests(routes: _Routes, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     while True:
         try:
@@ -327,7 +343,7 @@ async def _serve_requests(metrics: Metrics, stream: trio.SocketStream) -> None:
             return
         if request is None:
             return
-        status, content_type, body = _answer(metrics, request)
+        status, content_type, body = await _answer(routes, request, _peer_is_loopback(stream))
         head_only = request.method == b"HEAD"
         with trio.fail_after(SEND_TIMEOUT):
             await _send(conn, stream, status, content_type, body, head_only=head_only)
@@ -362,17 +378,43 @@ async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> h11.Ev
         conn.receive_data(bytes(await stream.receive_some(RECEIVE_BYTES)))
 
 
-def _answer(metrics: Metrics, request: h11.Request) -> tuple[int, str, bytes]:
-    path = request.target.partition(b"?")[0]
-    if path != METRICS_PATH.encode():
-        return 404, "text/plain; charset=utf-8", b"404 page not found\n"
+async def _answer(routes: _Routes, request: h11.Request, loopback: bool) -> tuple[int, str, bytes]:
+    path = request.target.partition(b"?")[0].decode("ascii", "replace")
+    admin = routes.admin.get(path)
+    if path != METRICS_PATH and admin is None:
+        return 404, TEXT, b"404 page not found\n"
     if request.method not in (b"GET", b"HEAD"):
-        return 405, "text/plain; charset=utf-8", b"method not allowed\n"
+        return 405, TEXT, b"method not allowed\n"
+    if admin is not None:
+        return await _answer_admin(path, admin, loopback)
     try:
-        return 200, CONTENT_TYPE_PLAIN_0_0_4, metrics.exposition()
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, routes.metrics.exposition()
     except Exception:
         log.exception("collecting metrics failed")
-        return 500, "text/plain; charset=utf-8", b"collecting metrics failed\n"
+        return 500, TEXT, b"collecting metrics failed\n"
+
+
+async def _answer_admin(
+    path: str, route: Callable[[], Awaitable[Any]], loopback: bool
+) -> tuple[int, str, bytes]:
+    if not loopback:
+        return 403, TEXT, b"the admin endpoint answers loopback clients only\n"
+    try:
+        value = await route()
+    except Exception:
+        log.exception("admin %s failed", path)
+        return 500, TEXT, f"admin {path} failed (see the hub's log)\n".encode()
+    return 200, "application/json", json.dumps(value, separators=(",", ":")).encode()
+
+
+def _peer_is_loopback(stream: trio.SocketStream) -> bool:
+    try:
+        host = stream.socket.getpeername()[0]
+        address = ipaddress.ip_address(host)
+    except (OSError, ValueError, IndexError):
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1 on a dual-stack socket
+    return bool(address.is_loopback or (mapped is not None and mapped.is_loopback))
 
 
 async def _send(
@@ -405,7 +447,7 @@ async def _refuse(conn: h11.Connection, stream: trio.SocketStream, status: int, 
     log.debug("metrics request refused with %d: %s", status, why)
     body = f"{http.HTTPStatus(status).phrase}\n".encode()
     with trio.move_on_after(SEND_TIMEOUT), contextlib.suppress(h11.LocalProtocolError):
-        await _send(conn, stream, status, "text/plain; charset=utf-8", body, close=True)
+        await _send(conn, stream, status, TEXT, body, close=True)
     await _linger(stream)
 
 

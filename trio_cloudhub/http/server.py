@@ -98,9 +98,7 @@ async def serve_https(
 class Waiting:
     """Connections waiting for their peer, oldest first (see CALM_WAITING above)."""
 
-    def __init__(
-        self, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE
-    ) -> None:
+    def __init__(self, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE) -> None:
         self.limit = limit
         self.per_source = per_source
         self._scopes: dict[trio.CancelScope, str] = {}  # insertion order: oldest first

@@ -29,12 +29,12 @@ from trio_cloudhub.core.message import (
 )
 from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
-from trio_cloudhub.hub.node import NodeEntry
+from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.metrics import Metrics
 from trio_cloudhub.pki.identity import connection_identity_problem
-from trio_cloudhub.store.base import CloudStore, StoreError
+from trio_cloudhub.store.base import CloudStore, SessionEvent, StoreError
 from trio_cloudhub.uds import UdsRequestError
 
 log = logging.getLogger("trio_cloudhub.hub")
@@ -306,6 +306,10 @@ class Hub:
         if previous is not None:
             previous.end("replaced by a new connection")
         self.sessions[node_id] = session
+        self.store.record_connection(
+            node_id,
+            SessionEvent(session.connected_ms, True, transport, conn.remote, conn.project_id),
+        )
         fields = {"node": node_id, "transport": transport, "remote": conn.remote}
         log.info(
             "node %s connected from %s (project %s)",
@@ -323,6 +327,7 @@ class Hub:
         finally:
             if self.sessions.get(node_id) is session:
                 del self.sessions[node_id]
+                self.store.record_connection(node_id, _ended(session))
                 self._abandon_volume_requests(node_id, "disconnected")
                 if not self.settings.queue_while_away:
                     self.nodes.pop(node_id, None)
@@ -440,3 +445,13 @@ class Hub:
         else:
             log.debug("node %s: %s message not handled: %s", work.node_id, kind.name, message.route)
         return None
+
+
+def _ended(session: NodeSession) -> SessionEvent:
+    return SessionEvent(
+        wall_ms(),
+        False,
+        reason=session.end_reason or "closed",
+        last_keepalive_ms=session.last_keepalive_ms,
+        last_ack_ms=session.last_ack_ms,
+    )

@@ -8,6 +8,7 @@ object) and are delivered on connect.
 from __future__ import annotations
 
 import math
+import time
 
 import trio
 
@@ -52,12 +53,20 @@ class NodeEntry:
             await self._no_ack_work.wait()
 
 
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 class NodeSessionHandle:
     """What the registry needs to end a session from outside: its scope and in-flight send."""
 
     def __init__(self, entry: NodeEntry, remote: str) -> None:
         self.entry = entry
         self.remote = remote
+        # Wall-clock milliseconds, for `get nodes` (0: none yet).
+        self.connected_ms = wall_ms()
+        self.last_keepalive_ms = 0
+        self.last_ack_ms = 0
         self.cancel_scope = trio.CancelScope()
         self.in_flight: Message | None = None
         self.settled = trio.Event()  # set whenever nothing is in flight

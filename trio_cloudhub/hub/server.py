@@ -21,6 +21,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from trio_cloudhub.admin_api import admin_file, admin_url
 from trio_cloudhub.config import Config, ConfigError
 from trio_cloudhub.edge.websocket import serve_websocket
 from trio_cloudhub.http.certs_store import (
@@ -35,8 +36,17 @@ from trio_cloudhub.http.kube_credentials import (
     run_kube_token_refresher,
 )
 from trio_cloudhub.http.server import serve_https
+from trio_cloudhub.hub.admin import (
+    HubIdentity,
+    PodSource,
+    admin_routes,
+    kube_pod_items,
+    local_pod_items,
+    remove_admin_file,
+    write_admin_file,
+)
 from trio_cloudhub.hub.hub import Hub, HubSettings
-from trio_cloudhub.metrics import Metrics, parse_bind_address, serve_metrics
+from trio_cloudhub.metrics import AdminRoutes, Metrics, parse_bind_address, serve_metrics
 from trio_cloudhub.pki.token import TokenKeeper
 from trio_cloudhub.store.base import CloudStore
 from trio_cloudhub.store.kube.client import KubeConfigError, RateLimiter, api_client
@@ -89,8 +99,25 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
     data_dir = Path(extra.data_dir)
     manifests_dir = Path(extra.manifests_dir or data_dir / "manifests")
     _warn_unimplemented(config)
+    announced: list[Path] = []  # the admin file, removed at exit
+    try:
+        await _serve(config, data_dir, manifests_dir, announced, task_status)
+    finally:
+        for path in announced:
+            remove_admin_file(path)
+
+
+async def _serve(
+    config: Config,
+    data_dir: Path,
+    manifests_dir: Path,
+    announced: list[Path],
+    task_status: trio.TaskStatus[ServeInfo],
+) -> None:
     async with _open_cloud_side(config, data_dir, manifests_dir) as cloud:
         hub = Hub(HubSettings.from_config(config), cloud.store)
+        identity = HubIdentity.of_this_process(config.store_kind)
+        admin = admin_routes(hub, cloud.pods, identity)
         ready = False
         async with trio.open_nursery() as root:
             root.start_soon(hub.dispatch_upstream)
@@ -106,7 +133,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
                     nodes=cloud.store,
                 )
             )
-            metrics_port = await _start_metrics(root, hub.metrics, config)
+            metrics_port = await _start_metrics(root, hub.metrics, config, admin)
             await root.start(cloud.store.run, hub.route_downstream)
             root.start_soon(hub.reconcile_forever)
             if config.cloud_hub.unixsocket.enable:
@@ -117,6 +144,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
             if config.cloud_hub.quic.enable:
                 quic_port = await root.start(_serve_quic_edges, hub, cloud.credentials, config)
             ready = True
+            if metrics_port and config.trio_cloud_hub.data_dir:
+                announced.extend(_announce(data_dir, config, metrics_port, identity))
             task_status.started(
                 ServeInfo(
                     websocket_port=websocket_port,
@@ -140,6 +169,7 @@ class _CloudSide:
     credentials: HubCredentials
     tokens: TokenKeeper
     run_token_refresher: Callable[..., Awaitable[None]]
+    pods: PodSource  # what edges reported of their pods (`get pods`)
 
 
 @asynccontextmanager
@@ -155,7 +185,8 @@ async def _open_cloud_side(
     store = LocalStore(
         data_dir, manifests_dir, poll_interval=config.trio_cloud_hub.manifests_poll_interval
     )
-    yield _CloudSide(store, credentials, tokens, partial(run_token_refresher, tokens, data_dir))
+    refresher = partial(run_token_refresher, tokens, data_dir)
+    yield _CloudSide(store, credentials, tokens, refresher, partial(local_pod_items, data_dir))
 
 
 @asynccontextmanager
@@ -171,7 +202,7 @@ async def _open_kube_side(config: Config) -> AsyncIterator[_CloudSide]:
         tokens = new_token_keeper(credentials, config)
         store = KubeStore(client, rate_limiter=RateLimiter(api.qps, api.burst))
         refresher = partial(run_kube_token_refresher, tokens, kube_secret_ops(client))
-        yield _CloudSide(store, credentials, tokens, refresher)
+        yield _CloudSide(store, credentials, tokens, refresher, partial(kube_pod_items, store))
     finally:
         client.close()
 
@@ -197,21 +228,32 @@ async def _serve_edges(
     )
 
 
-async def _start_metrics(nursery: trio.Nursery, metrics: Metrics, config: Config) -> int:
-    """Prometheus `/metrics` on `commonConfig.monitorServer.bindAddress`; its port, or 0 when
-    it cannot listen there (e.g. a CloudCore still holds 9091): metrics are not worth
-    refusing edges for, so that is a warning and the hub serves on."""
+async def _start_metrics(
+    nursery: trio.Nursery, metrics: Metrics, config: Config, admin: AdminRoutes
+) -> int:
+    """Prometheus `/metrics` (and the admin endpoint) on
+    `commonConfig.monitorServer.bindAddress`; its port, or 0 when it cannot listen there
+    (e.g. a CloudCore still holds 9091): metrics are not worth refusing edges for, so that is
+    a warning and the hub serves on."""
     monitor = config.common_config.monitor_server
     address = monitor.bind_address
     if monitor.enable_profiling:
         log.warning("monitorServer.enableProfiling: Go's /debug/pprof has no equivalent here")
     try:
         host, port = parse_bind_address(address)
-        bound: int = await nursery.start(serve_metrics, metrics, host, port)
+        bound: int = await nursery.start(partial(serve_metrics, metrics, host, port, admin=admin))
     except (OSError, ValueError) as exc:
         log.warning("metrics server not started on %s: %s", address, exc)
         return 0
     return bound
+
+
+def _announce(data_dir: Path, config: Config, port: int, identity: HubIdentity) -> list[Path]:
+    """Write the admin file `trio-cloudhub get` finds this hub by; [] when it could not."""
+    host, _ = parse_bind_address(config.common_config.monitor_server.bind_address)
+    path = admin_file(data_dir, port)
+    written = write_admin_file(path, identity, {"url": admin_url(host, port)})
+    return [path] if written else []
 
 
 async def _start_uds(nursery: trio.Nursery, hub: Hub, config: Config) -> None:

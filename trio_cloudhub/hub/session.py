@@ -28,7 +28,7 @@ from trio_cloudhub.core.delivery import Acked, Delivery, Send, WaitUntil
 from trio_cloudhub.core.message import Message, object_uid, trim_for_edge
 from trio_cloudhub.core.rules import Upstream, as_sent_to, classify_upstream, control_reply
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
-from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle
+from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle, wall_ms
 
 if TYPE_CHECKING:
     from trio_cloudhub.hub.hub import Hub
@@ -99,6 +99,7 @@ class NodeSession(NodeSessionHandle):
         kind = classify_upstream(message)
         if kind is Upstream.KEEPALIVE:
             self.cancel_scope.deadline = trio.current_time() + self.hub.settings.keepalive_interval
+            self.last_keepalive_ms = wall_ms()
         elif kind is Upstream.ACK:
             self._on_ack(message)
         elif kind is Upstream.CONTROL:
@@ -129,6 +130,7 @@ class NodeSession(NodeSessionHandle):
     def _on_ack(self, message: Message) -> None:
         delivery = self._delivery
         if delivery is not None and delivery.on_ack(message.header.parent_msg_id):
+            self.last_ack_ms = wall_ms()
             self._observe_ack_latency(trio.current_time() - delivery.started_at)
             self._acked.set()
 

@@ -33,6 +33,68 @@ class Missed:
     build: Callable[[], Message]
 
 
+@attrs.frozen(slots=True)
+class SessionEvent:
+    """A session of a node started (`started`) or ended, as the hub reports it to its store."""
+
+    at_ms: int  # wall clock, milliseconds since the epoch
+    started: bool
+    transport: str = ""
+    remote: str = ""
+    project: str = ""
+    reason: str = ""  # why it ended
+    last_keepalive_ms: int = 0  # as of its end
+    last_ack_ms: int = 0
+
+
+@attrs.frozen(slots=True)
+class NodeRecord:
+    """What a store remembers of a node across sessions (`trio-cloudhub get nodes`).
+
+    Times are wall-clock milliseconds, 0 for never. The connection fields are the hub's
+    `SessionEvent`s folded in (`after`); `desired`, `joined_ms` and `reported` are what the
+    store itself knows of the node.
+    """
+
+    name: str
+    first_connected_ms: int = 0
+    connected_ms: int = 0  # start of the latest session
+    disconnected_ms: int = 0  # its end; smaller than `connected_ms` while it lasts
+    transport: str = ""
+    remote: str = ""
+    project: str = ""
+    reason: str = ""  # why the latest session ended
+    last_keepalive_ms: int = 0  # as of the end of the latest session
+    last_ack_ms: int = 0
+    joined_ms: int = 0  # issued a certificate (embedded store)
+    desired: bool = False  # the desired state has this node (a Node object, the edge label)
+    reported: str = ""  # Ready / NotReady / Unknown from its last status report; "" none
+
+    @property
+    def session_open(self) -> bool:
+        """A session started and its end was not recorded (it lasts, or the hub stopped)."""
+        return self.connected_ms > self.disconnected_ms
+
+    def after(self, event: SessionEvent) -> NodeRecord:
+        if event.started:
+            return attrs.evolve(
+                self,
+                first_connected_ms=self.first_connected_ms or event.at_ms,
+                connected_ms=event.at_ms,
+                transport=event.transport,
+                remote=event.remote,
+                project=event.project,
+                reason="",
+            )
+        return attrs.evolve(
+            self,
+            disconnected_ms=max(event.at_ms, self.connected_ms),
+            reason=event.reason,
+            last_keepalive_ms=max(event.last_keepalive_ms, self.last_keepalive_ms),
+            last_ack_ms=max(event.last_ack_ms, self.last_ack_ms),
+        )
+
+
 class StoreError(Exception):
     """The cloud side failed (database, API server); the hub logs it and keeps serving."""
 
@@ -140,6 +202,16 @@ class CloudStore(Protocol):
 
     def pod_node(self, namespace: str, name: str) -> str | None:
         """The node pod `namespace/name` is bound to (spec.nodeName); None if unknown."""
+        ...
+
+    def record_connection(self, node_id: str, event: SessionEvent) -> None:
+        """A session of `node_id` started or ended (synchronous, never blocks: a store
+        that persists it does so in the background)."""
+        ...
+
+    def known_nodes(self) -> dict[str, NodeRecord]:
+        """Every node the store knows (desired, joined, connected at least once, with
+        objects or ack points), with what it remembers of each; from memory."""
         ...
 
     def node_known(self, name: str) -> bool:

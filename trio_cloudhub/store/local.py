@@ -36,6 +36,7 @@ How it works:
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
@@ -61,12 +62,22 @@ from trio_cloudhub.store.answers import (
     report_reply,
     report_rows,
 )
-from trio_cloudhub.store.base import ChangeLag, Deliver, Missed, StoreError
+from trio_cloudhub.store.base import (
+    ChangeLag,
+    Deliver,
+    Missed,
+    NodeRecord,
+    SessionEvent,
+    StoreError,
+)
 from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.localdb import (
     DB_NAME,
+    KIND_NODE_STATUS,
     Database,
     Report,
+    ReportRow,
+    node_summary,
     read_reports,
 )
 from trio_cloudhub.store.manifests import (
@@ -112,6 +123,8 @@ WATCHED_POLL_FACTOR = 20  # fallback poll with inotify: poll_interval times this
 WATCHED_POLL_MIN = 5.0  # ... but at least this (seconds)
 
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 Files = dict[str, tuple[Manifest, ...]]
 
 
@@ -155,7 +168,10 @@ class LocalStore:
         self._objects: dict[ObjectKey, StoredObject] = {}
         self._rv = 0
         self._acks: dict[str, dict[str, AckPoint]] = {}  # node -> uid -> ack point
-        self._joined: set[str] = set()  # nodes issued a certificate
+        self._joined: dict[str, int] = {}  # nodes issued a certificate -> when (ms)
+        self._records: dict[str, NodeRecord] = {}  # sessions as the hub reported them
+        self._pending_records: dict[str, NodeRecord] = {}
+        self._node_reports: dict[str, str] = {}  # node -> Ready summary of its last report
         self._ack_changes: dict[str, int] = {}  # node -> ack point changes (change_stamp)
         self._pending_acks: dict[AckKey, AckPoint | None] = {}
         self._ack_wakeup = trio.Event()
@@ -180,7 +196,9 @@ class LocalStore:
         await trio.to_thread.run_sync(self._make_dirs)
         loaded = await self._db_call(self._db.open)
         self._objects, self._rv = loaded.objects, loaded.rv
-        self._joined = set(loaded.joined)
+        self._joined = dict(loaded.joined_ms)
+        self._records = dict(loaded.records)
+        self._node_reports = dict(loaded.node_reports)
         self._acks = {}
         for (node, uid), point in loaded.acks.items():
             self._acks.setdefault(node, {})[uid] = point
@@ -529,19 +547,38 @@ class LocalStore:
                 await trio.sleep(ACK_RETRY_DELAY)
 
     async def _flush_acks(self) -> bool:
-        """Write the pending ack points in one transaction; False (logged) on failure."""
+        """Write the pending ack points in one transaction, then the pending node records
+        in another; False (logged, kept for the next flush) when either failed."""
         batch, self._pending_acks = self._pending_acks, {}
+        records, self._pending_records = self._pending_records, {}
         self._ack_wakeup, self._ack_batch_full = trio.Event(), trio.Event()
+        acks_written = await self._write_pending(
+            "ack points", self._db.write_acks, batch, self._pending_acks
+        )
+        records_written = await self._write_pending(
+            "node records", self._db.write_node_records, records, self._pending_records
+        )
+        return acks_written and records_written
+
+    async def _write_pending(
+        self,
+        what: str,
+        write: Callable[[Mapping[K, V]], None],
+        batch: dict[K, V],
+        pending: dict[K, V],
+    ) -> bool:
+        """`write(batch)` in a worker thread; on failure the batch goes back into `pending`
+        (entries queued meanwhile are newer and win)."""
         if not batch:
             return True
         try:
-            await self._db_call(self._db.write_acks, batch)
+            await self._db_call(write, batch)
         except BaseException as exc:
-            for key, point in batch.items():  # newer pending entries win
-                self._pending_acks.setdefault(key, point)
+            for key, value in batch.items():
+                pending.setdefault(key, value)
             self._ack_wakeup.set()
             if isinstance(exc, StoreError):
-                log.warning("%s; %d ack points will be retried", exc, len(batch))
+                log.warning("%s; %d %s will be retried", exc, len(batch), what)
                 return False
             raise
         return True
@@ -562,6 +599,7 @@ class LocalStore:
             raise StoreError("the store is not open")
         return (
             name in self._joined
+            or name in self._records
             or ObjectKey("Node", "", name) in self._objects
             or self._placer.has_pods(name)
             or name in self._acks
@@ -569,8 +607,32 @@ class LocalStore:
 
     async def node_joined(self, name: str) -> None:
         if name not in self._joined:
-            await self._db_call(self._db.write_joined, name, now_ms())
-            self._joined.add(name)
+            joined = now_ms()
+            await self._db_call(self._db.write_joined, name, joined)
+            self._joined[name] = joined
+
+    # --- node records (get nodes) -----------------------------------------------------------
+
+    def record_connection(self, node_id: str, event: SessionEvent) -> None:
+        """Remember a session start or end; written with the next batch of ack points."""
+        record = self._records.get(node_id) or NodeRecord(node_id)
+        self._records[node_id] = self._pending_records[node_id] = record.after(event)
+        self._ack_wakeup.set()
+
+    def known_nodes(self) -> dict[str, NodeRecord]:
+        """Nodes that joined, connected, have a Node manifest, pods or ack points."""
+        names = set(self._joined) | set(self._records) | set(self._acks)
+        names.update(key.name for key in self._objects if key.kind == "Node")
+        names.update(self._placer.nodes_with_pods())
+        return {name: self._known_node(name) for name in sorted(names)}
+
+    def _known_node(self, name: str) -> NodeRecord:
+        return attrs.evolve(
+            self._records.get(name) or NodeRecord(name),
+            joined_ms=self._joined.get(name, 0),
+            desired=ObjectKey("Node", "", name) in self._objects,
+            reported=self._node_reports.get(name, ""),
+        )
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         if not is_report(message):
@@ -590,6 +652,7 @@ class LocalStore:
                     "node %s: report %s not stored: %s", node_id, message.route.resource, exc
                 )
                 return None
+            self._note_node_reports(rows)
         return report_reply(node_id, message, now)
 
     async def answer_query(self, node_id: str, message: Message) -> Message | None:
@@ -603,6 +666,11 @@ class LocalStore:
         if is_metamanager_query(message):
             return answer_metamanager_query(node_id, message, self._objects, now)
         return None
+
+    def _note_node_reports(self, rows: Iterable[ReportRow]) -> None:
+        for row in rows:
+            if row.kind == KIND_NODE_STATUS:
+                self._node_reports[row.node] = node_summary(json.loads(row.body))
 
 
 @asynccontextmanager

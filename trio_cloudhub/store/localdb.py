@@ -8,7 +8,9 @@ translated into `StoreError` at this skin. Tables:
   the user's manifest as canonical JSON, the file it came from);
 - `ack_points`: ObjectSync semantics, (node, uid) -> acknowledged resourceVersion;
 - `reports`: the latest node and pod status each edge reported;
-- `joined_nodes`: nodes issued a certificate by the HTTPS service (`GET /node/{name}`).
+- `joined_nodes`: nodes issued a certificate by the HTTPS service (`GET /node/{name}`);
+- `node_records`: each node's sessions as the hub reported them (first and latest
+  connection, its end, transport, remote), for `get nodes`.
 """
 
 from __future__ import annotations
@@ -24,15 +26,15 @@ from typing import Any
 
 import attrs
 
-from trio_cloudhub.store.base import StoreError
+from trio_cloudhub.store.base import NodeRecord, StoreError
 from trio_cloudhub.store.manifests import ObjectKey
 from trio_cloudhub.store.reconcile import AckKey, AckPoint
-from trio_cloudhub.store.routing import StoredObject
+from trio_cloudhub.store.routing import StoredObject, ready_summary
 
 log = logging.getLogger("trio_cloudhub.store")
 
 DB_NAME = "store.db"
-SCHEMA_VERSION = 2  # 2: joined_nodes
+SCHEMA_VERSION = 3  # 2: joined_nodes, 3: node_records
 BUSY_TIMEOUT_MS = 5000  # how long a write waits for another connection's lock (tests lower it)
 KIND_NODE_STATUS = "nodestatus"
 KIND_POD_STATUS = "podstatus"
@@ -51,6 +53,11 @@ CREATE TABLE IF NOT EXISTS reports (
     body TEXT NOT NULL, updated_ms INTEGER NOT NULL, PRIMARY KEY (kind, namespace, name));
 CREATE INDEX IF NOT EXISTS reports_by_node ON reports (node, updated_ms);
 CREATE TABLE IF NOT EXISTS joined_nodes (name TEXT PRIMARY KEY, joined_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS node_records (
+    name TEXT PRIMARY KEY, first_connected_ms INTEGER NOT NULL, connected_ms INTEGER NOT NULL,
+    disconnected_ms INTEGER NOT NULL, transport TEXT NOT NULL, remote TEXT NOT NULL,
+    project TEXT NOT NULL, reason TEXT NOT NULL, last_keepalive_ms INTEGER NOT NULL,
+    last_ack_ms INTEGER NOT NULL);
 """
 
 
@@ -60,6 +67,9 @@ class Loaded:
     acks: dict[AckKey, AckPoint]
     rv: int
     joined: set[str] = attrs.field(factory=set)
+    joined_ms: dict[str, int] = attrs.field(factory=dict)
+    records: dict[str, NodeRecord] = attrs.field(factory=dict)  # sessions, as last written
+    node_reports: dict[str, str] = attrs.field(factory=dict)  # node -> its Ready summary
 
 
 @attrs.frozen(slots=True)
@@ -150,8 +160,20 @@ class Database:
                 "SELECT node, uid, resource_version, resource FROM ack_points"
             )
         }
-        joined = {name for (name,) in conn.execute("SELECT name FROM joined_nodes")}
-        return Loaded(objects=objects, acks=acks, rv=rv, joined=joined)
+        joined_ms = dict(conn.execute("SELECT name, joined_ms FROM joined_nodes"))
+        records = {
+            row[0]: NodeRecord(*row)
+            for row in conn.execute(f"SELECT {_RECORD_COLUMNS} FROM node_records")
+        }
+        return Loaded(
+            objects=objects,
+            acks=acks,
+            rv=rv,
+            joined=set(joined_ms),
+            joined_ms=joined_ms,
+            records=records,
+            node_reports=_node_report_summaries(conn),
+        )
 
     def write_objects(
         self, upserts: Sequence[StoredObject], deletes: Sequence[ObjectKey], rv: int
@@ -184,6 +206,18 @@ class Database:
         with _translated("writing a joined node"), _transaction(conn):
             conn.execute("INSERT OR IGNORE INTO joined_nodes VALUES (?, ?)", (name, joined_ms))
 
+    def write_node_records(self, records: Mapping[str, NodeRecord]) -> None:
+        """One transaction: the nodes' session records (the connection fields only)."""
+        conn = self._connection()
+        marks = ", ".join("?" * len(_RECORD_FIELDS))
+        rows = [
+            tuple(getattr(record, field) for field in _RECORD_FIELDS) for record in records.values()
+        ]
+        with _translated("writing node records"), _transaction(conn):
+            conn.executemany(
+                f"INSERT OR REPLACE INTO node_records ({_RECORD_COLUMNS}) VALUES ({marks})", rows
+            )
+
     def write_reports(self, rows: Sequence[ReportRow], max_per_node: int) -> None:
         """Store reports; a node keeps at most `max_per_node` rows (oldest dropped)."""
         conn = self._connection()
@@ -215,6 +249,33 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
             conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+_RECORD_FIELDS = (
+    "name",
+    "first_connected_ms",
+    "connected_ms",
+    "disconnected_ms",
+    "transport",
+    "remote",
+    "project",
+    "reason",
+    "last_keepalive_ms",
+    "last_ack_ms",
+)
+_RECORD_COLUMNS = ", ".join(_RECORD_FIELDS)
+
+
+def _node_report_summaries(conn: sqlite3.Connection) -> dict[str, str]:
+    """node -> Ready / NotReady / Unknown from its latest node status report."""
+    query = "SELECT node, body FROM reports WHERE kind = ? ORDER BY updated_ms"
+    summaries: dict[str, str] = {}
+    for node, body in conn.execute(query, (KIND_NODE_STATUS,)):
+        try:
+            summaries[node] = node_summary(json.loads(body))
+        except ValueError:
+            summaries[node] = "Unknown"
+    return summaries
 
 
 def _object_row(obj: StoredObject) -> tuple[str, str, str, str, int, str, str, str]:
@@ -300,13 +361,7 @@ def _report(kind: str, node: str, namespace: str, name: str, updated_ms: int, bo
 
 def node_summary(report: Any) -> str:
     """Ready / NotReady / Unknown from the Ready condition of a node status report."""
-    status = report.get("Status") if isinstance(report, dict) else None
-    conditions = status.get("conditions") if isinstance(status, dict) else None
-    for condition in conditions if isinstance(conditions, list) else []:
-        if isinstance(condition, dict) and condition.get("type") == "Ready":
-            state = condition.get("status")
-            return {"True": "Ready", "False": "NotReady"}.get(str(state), "Unknown")
-    return "Unknown"
+    return ready_summary(report.get("Status") if isinstance(report, dict) else None)
 
 
 def pod_summary(report: Any) -> str:

@@ -77,6 +77,16 @@ def pod_node(pod: Mapping[str, Any]) -> str:
     return node if isinstance(node, str) else ""
 
 
+def ready_summary(status: Any) -> str:
+    """Ready / NotReady / Unknown from the Ready condition of a node's status."""
+    conditions = status.get("conditions") if isinstance(status, dict) else None
+    for condition in conditions if isinstance(conditions, list) else []:
+        if isinstance(condition, dict) and condition.get("type") == "Ready":
+            state = condition.get("status")
+            return {"True": "Ready", "False": "NotReady"}.get(str(state), "Unknown")
+    return "Unknown"
+
+
 def pod_references(pod: Mapping[str, Any]) -> set[ObjectKey]:
     """ConfigMaps and Secrets the pod needs, in the pod's namespace."""
     namespace = _metadata(pod).get("namespace") or ""
@@ -211,6 +221,9 @@ class Placer:
 
     def has_pods(self, node: str) -> bool:
         return node in self._pods_on
+
+    def nodes_with_pods(self) -> Iterator[str]:
+        return iter(self._pods_on)
 
     def keys_on(self, node: str) -> set[ObjectKey]:
         """The keys placed on `node` if they exist: its Node, its pods, what they use."""

@@ -29,7 +29,7 @@ from trio_cloudhub.core.message import (
     split_cloud_resource,
 )
 from trio_cloudhub.core.rules import Downstream, classify_downstream
-from trio_cloudhub.store.base import ChangeLag, Deliver, Missed
+from trio_cloudhub.store.base import ChangeLag, Deliver, Missed, NodeRecord, SessionEvent
 
 
 class MemoryStore:
@@ -41,6 +41,7 @@ class MemoryStore:
         self.desired: dict[str, dict[str, Message]] = {}  # node -> uid -> newest message
         self.pods: dict[tuple[str, str], str] = {}  # (namespace, name) -> node
         self.joined: set[str] = set()  # nodes the HTTPS service issued a certificate
+        self.records: dict[str, NodeRecord] = {}  # sessions, as the hub reported them
         self.changes = 0  # desired state or ack point changes, for change_stamp
         self._last_acked: dict[tuple[str, str], Message] = {}
         self._deliver: Deliver | None = None
@@ -134,6 +135,13 @@ class MemoryStore:
 
     async def node_joined(self, name: str) -> None:
         self.joined.add(name)
+
+    def record_connection(self, node_id: str, event: SessionEvent) -> None:
+        self.records[node_id] = (self.records.get(node_id) or NodeRecord(node_id)).after(event)
+
+    def known_nodes(self) -> dict[str, NodeRecord]:
+        names = sorted(set(self.records) | set(self.desired) | self.joined)
+        return {name: self.records.get(name) or NodeRecord(name) for name in names}
 
     async def apply_report(self, node_id: str, message: Message) -> Message | None:
         self.reports.append((node_id, message))

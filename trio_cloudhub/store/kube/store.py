@@ -32,11 +32,19 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
+import attrs
 import trio
 
 from trio_cloudhub.core.message import OP_DELETE, Message, object_uid
 from trio_cloudhub.store.answers import RequestError, answer_application, is_application
-from trio_cloudhub.store.base import ChangeLag, Deliver, Missed, StoreError
+from trio_cloudhub.store.base import (
+    ChangeLag,
+    Deliver,
+    Missed,
+    NodeRecord,
+    SessionEvent,
+    StoreError,
+)
 from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.kube.acks import (
     CLUSTER_OBJECT_SYNCS,
@@ -58,6 +66,7 @@ from trio_cloudhub.store.routing import (
     StoredObject,
     plan,
     pod_node,
+    ready_summary,
 )
 
 log = logging.getLogger("trio_cloudhub.kube")
@@ -102,6 +111,7 @@ class KubeStore:
         )
         self.objects: dict[ObjectKey, StoredObject] = {}  # what edges may get
         self._edge_nodes: set[str] = set()
+        self._records: dict[str, NodeRecord] = {}  # sessions this hub served (memory only)
         self._node_names: set[str] = set()  # every Node in the cluster, edge or not
         self._pod_nodes: dict[ObjectKey, str] = {}  # every pod with a node -> the node
         self._pods_on: dict[str, set[ObjectKey]] = {}  # node -> its pods (edge or not)
@@ -344,6 +354,26 @@ class KubeStore:
 
     async def node_joined(self, name: str) -> None:
         """Nothing to remember: the edge registers its Node itself."""
+
+    def record_connection(self, node_id: str, event: SessionEvent) -> None:
+        """Kept in memory: the cluster has no place for it (and with several hubs, each
+        remembers the sessions it served)."""
+        record = self._records.get(node_id) or NodeRecord(node_id)
+        self._records[node_id] = record.after(event)
+
+    def known_nodes(self) -> dict[str, NodeRecord]:
+        """The edge nodes in the informer cache, and nodes that had a session here."""
+        names = sorted(self._edge_nodes | set(self._records))
+        return {name: self._known_node(name) for name in names}
+
+    def _known_node(self, name: str) -> NodeRecord:
+        node = self.objects.get(ObjectKey("Node", "", name))
+        reported = ready_summary(node.body.get("status")) if node is not None else ""
+        return attrs.evolve(
+            self._records.get(name) or NodeRecord(name),
+            desired=name in self._edge_nodes,
+            reported=reported,
+        )
 
     def api_server_ca(self) -> str:
         """The CA the client trusts the API server with (kubeconfig or in-cluster), as read
