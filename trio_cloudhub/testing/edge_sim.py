@@ -357,6 +357,7 @@ class SimEdge:
             reply: Message | None = response_to(message, "OK", _now_ms())
         else:
             reply = self.storage.handle(message, _now_ms())
+        self._wake()  # the storage changed: wake `wait_holds`
         if self.auto_ack and reply is not None:
             await self.send_message(reply)
             if reply.route.operation == OP_RESPONSE:
@@ -409,6 +410,58 @@ class SimEdge:
             return [item.message for item in self.received]
         raise TimeoutError(f"{self.node_id}: {len(self.received)} of {count} messages")
 
+    async def wait_holds(
+        self,
+        resource: str,
+        resource_version: str | None = None,
+        *,
+        matching: Callable[[Any], bool] | None = None,
+        within: float = 10.0,
+    ) -> Any:
+        """Until the edge's database (`storage`) holds `resource` — the key EdgeCore stores it
+        under: `<namespace>/<type>/<name>` such as `default/configmap/web`, `null/node/<n>`
+        for its Node — at `resource_version` or newer when given, with content `matching`
+        accepts when given. Returns the stored content. TimeoutError saying what it holds
+        instead after `within` seconds; SimEdgeDisconnected when the connection ends first."""
+
+        def holds() -> bool:
+            return self._holds(resource, resource_version, matching)
+
+        await self._wait_storage(holds, within, lambda: f"hold {resource}")
+        return self.storage.get(resource)
+
+    async def wait_gone(self, resource: str, within: float = 10.0) -> None:
+        """Until the edge's database no longer holds `resource` (see `wait_holds`)."""
+        await self._wait_storage(
+            lambda: self.storage.get(resource) is None, within, lambda: f"drop {resource}"
+        )
+
+    def _holds(
+        self, resource: str, version: str | None, matching: Callable[[Any], bool] | None
+    ) -> bool:
+        content = self.storage.get(resource)
+        if content is None:
+            return False
+        if version is not None and not _at_least(self.storage.resource_version(resource), version):
+            return False
+        return matching is None or bool(matching(content))
+
+    async def _wait_storage(
+        self, done: Callable[[], bool], within: float, what: Callable[[], str]
+    ) -> None:
+        with trio.move_on_after(within):
+            while not done():
+                if not self.connected:
+                    raise SimEdgeDisconnected(
+                        f"{self.node_id}: {self.close_reason} before it would {what()}"
+                    )
+                await self._changed.wait()
+            return
+        held = ", ".join(f"{key}@{rv or '-'}" for key, rv in self.storage.versions().items())
+        raise TimeoutError(
+            f"{self.node_id} did not {what()} within {within} s; it holds: {held or 'nothing'}"
+        )
+
     async def wait_disconnected(self, within: float = 10.0) -> str:
         with trio.fail_after(within):
             while self.connected:
@@ -447,6 +500,15 @@ class SimEdge:
 
     def _summary(self) -> str:
         return ", ".join(f"{m.operation} {m.resource}" for m in self.messages()[-10:]) or "nothing"
+
+
+def _at_least(held: str | None, wanted: str) -> bool:
+    """resourceVersions compare as numbers when both are (KubeEdge's are), else exactly."""
+    if held is None:
+        return False
+    if held.isdigit() and wanted.isdigit():
+        return int(held) >= int(wanted)
+    return held == wanted
 
 
 def edge_headers(node_id: str, project_id: str) -> list[tuple[str, str]]:
