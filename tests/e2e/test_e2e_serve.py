@@ -29,6 +29,7 @@ NODE = "edge-1"
 CONFIG = """\
 apiVersion: cloudcore.config.kubeedge.io/v1alpha1
 kind: CloudCore
+commonConfig: {monitorServer: {bindAddress: "127.0.0.1:0"}}
 modules:
   cloudHub:
     advertiseAddress: [127.0.0.1]
@@ -160,8 +161,9 @@ async def test_bootstrap_connect_deliver_ack_reconnect(tmp_path: Path) -> None:
                 await again.send_message(node_status_report())
                 await again.expect(lambda m: m.content == "OK" and "nodestatus" in m.resource, 10)
 
-            table = await run_cli("get", "nodes", "--data-dir", str(hub.data_dir))
-            assert re.search(rf"^{NODE}\s+{NODE}\s+Ready\s", table, re.MULTILINE), table
+            table = await run_cli("get", "nodes", "-o", "wide", "--data-dir", str(hub.data_dir))
+            row = re.search(rf"^{NODE}\s+Disconnected\s.*\sReady\s", table, re.MULTILINE)
+            assert row, table
 
             hub.process.send_signal(signal.SIGTERM)
             with trio.fail_after(15):
@@ -193,9 +195,15 @@ async def test_bad_config_file_names_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("what", ["nodes", "pods"])
-async def test_get_on_an_empty_data_dir_prints_a_header(tmp_path: Path, what: str) -> None:
-    out = await run_cli("get", what, "--data-dir", str(tmp_path))
-    assert out.startswith("NAME")
+async def test_get_without_a_running_hub_says_so(tmp_path: Path, what: str) -> None:
+    result = await trio.run_process(
+        cli("get", what, "--data-dir", str(tmp_path)),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"no hub is running with data directory " + str(tmp_path).encode() in result.stderr
 
 
 async def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:

@@ -305,6 +305,7 @@ class Hub:
         previous = self.sessions.get(node_id)
         if previous is not None:
             previous.end("replaced by a new connection")
+            self.store.record_connection(node_id, _ended(previous))
         self.sessions[node_id] = session
         self.store.record_connection(
             node_id,

@@ -59,7 +59,7 @@ class NodeRecord:
     name: str
     first_connected_ms: int = 0
     connected_ms: int = 0  # start of the latest session
-    disconnected_ms: int = 0  # its end; smaller than `connected_ms` while it lasts
+    disconnected_ms: int = 0  # end of the latest session that ended
     transport: str = ""
     remote: str = ""
     project: str = ""
@@ -69,11 +69,8 @@ class NodeRecord:
     joined_ms: int = 0  # issued a certificate (embedded store)
     desired: bool = False  # the desired state has this node (a Node object, the edge label)
     reported: str = ""  # Ready / NotReady / Unknown from its last status report; "" none
-
-    @property
-    def session_open(self) -> bool:
-        """A session started and its end was not recorded (it lasts, or the hub stopped)."""
-        return self.connected_ms > self.disconnected_ms
+    # The latest session's end was not recorded: it lasts, or the hub stopped during it.
+    session_open: bool = False
 
     def after(self, event: SessionEvent) -> NodeRecord:
         if event.started:
@@ -85,6 +82,7 @@ class NodeRecord:
                 remote=event.remote,
                 project=event.project,
                 reason="",
+                session_open=True,
             )
         return attrs.evolve(
             self,
@@ -92,6 +90,7 @@ class NodeRecord:
             reason=event.reason,
             last_keepalive_ms=max(event.last_keepalive_ms, self.last_keepalive_ms),
             last_ack_ms=max(event.last_ack_ms, self.last_ack_ms),
+            session_open=False,
         )
 
 

@@ -620,8 +620,8 @@ class LocalStore:
         self._ack_wakeup.set()
 
     def known_nodes(self) -> dict[str, NodeRecord]:
-        """Nodes that joined, connected, have a Node manifest, pods or ack points."""
-        names = set(self._joined) | set(self._records) | set(self._acks)
+        """Nodes that joined, connected, reported, have a Node manifest, pods or ack points."""
+        names = set(self._joined) | set(self._records) | set(self._acks) | set(self._node_reports)
         names.update(key.name for key in self._objects if key.kind == "Node")
         names.update(self._placer.nodes_with_pods())
         return {name: self._known_node(name) for name in sorted(names)}

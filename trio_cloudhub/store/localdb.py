@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS node_records (
     name TEXT PRIMARY KEY, first_connected_ms INTEGER NOT NULL, connected_ms INTEGER NOT NULL,
     disconnected_ms INTEGER NOT NULL, transport TEXT NOT NULL, remote TEXT NOT NULL,
     project TEXT NOT NULL, reason TEXT NOT NULL, last_keepalive_ms INTEGER NOT NULL,
-    last_ack_ms INTEGER NOT NULL);
+    last_ack_ms INTEGER NOT NULL, session_open INTEGER NOT NULL);
 """
 
 
@@ -162,7 +162,7 @@ class Database:
         }
         joined_ms = dict(conn.execute("SELECT name, joined_ms FROM joined_nodes"))
         records = {
-            row[0]: NodeRecord(*row)
+            row[0]: _record(row)
             for row in conn.execute(f"SELECT {_RECORD_COLUMNS} FROM node_records")
         }
         return Loaded(
@@ -262,8 +262,14 @@ _RECORD_FIELDS = (
     "reason",
     "last_keepalive_ms",
     "last_ack_ms",
+    "session_open",
 )
 _RECORD_COLUMNS = ", ".join(_RECORD_FIELDS)
+
+
+def _record(row: tuple[Any, ...]) -> NodeRecord:
+    fields = dict(zip(_RECORD_FIELDS, row, strict=True))
+    return NodeRecord(**fields | {"session_open": bool(fields["session_open"])})
 
 
 def _node_report_summaries(conn: sqlite3.Connection) -> dict[str, str]:
