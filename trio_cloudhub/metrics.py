@@ -253,10 +253,9 @@ def _store_lag(lag: ChangeLag) -> Iterator[Metric]:
 # --- the HTTP server --------------------------------------------------------------------------
 
 METRICS_PATH = "/metrics"
-ADMIN_PREFIX = "/admin/"
 TEXT = "text/plain; charset=utf-8"
 AdminRoutes = Mapping[str, Callable[[], Awaitable[Any]]]
-"""Admin paths (under ADMIN_PREFIX) -> their JSON-able answer (see `hub.admin`)."""
+"""Admin paths (`/admin/...`) -> their JSON-able answer (see `hub.admin`)."""
 MAX_HEADER_BYTES = 8 * 1024
 MAX_BODY_BYTES = 8 * 1024  # a scrape has no body; whatever comes is read and dropped
 RECEIVE_BYTES = 16 * 1024
