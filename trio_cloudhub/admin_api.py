@@ -37,6 +37,24 @@ def admin_file(data_dir: Path, port: int, pid: int | None = None) -> Path:
     return Path(data_dir) / RUN_DIR / f"{FILE_PREFIX}{pid}-{port}.json"
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OSError:
+        return False
+    return True
+
+
+def announced_pid(path: Path) -> int | None:
+    """The pid in an announcement file's name (`admin-<pid>-<port>.json`), or None."""
+    parts = path.name.removeprefix(FILE_PREFIX).removesuffix(".json").split("-")
+    return int(parts[0]) if len(parts) == 2 and parts[0].isdigit() else None
+
+
 def client_host(bind_host: str) -> str:
     """Where a local client reaches a server bound to `bind_host` (any address: loopback)."""
     if bind_host in ("", "0.0.0.0"):

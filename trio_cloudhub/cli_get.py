@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import http.client
 import json
-import os
 import sys
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
@@ -32,6 +31,7 @@ from trio_cloudhub.admin_api import (
     FILE_PREFIX,
     NEVER_CONNECTED,
     RUN_DIR,
+    process_alive,
     report_item,
 )
 from trio_cloudhub.store.localdb import DB_NAME, read_reports
@@ -71,7 +71,7 @@ def discover(data_dir: Path) -> list[Endpoint]:
         endpoint = _read_announcement(path)
         if endpoint is None:
             continue
-        if _alive(endpoint.pid):
+        if process_alive(endpoint.pid):
             found.append(endpoint)
         else:
             stale.append(endpoint.pid)
@@ -90,18 +90,6 @@ def _read_announcement(path: Path) -> Endpoint | None:
     if not isinstance(url, str) or not isinstance(pid, int):
         return None
     return Endpoint(url, pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    except OSError:
-        return False
-    return True
 
 
 def _not_running(data_dir: Path, stale: Sequence[int]) -> str:
@@ -305,6 +293,26 @@ def render(
 # --- the command ----------------------------------------------------------------------------
 
 
+def _ask(path: str, data_dir: Path, admin_urls: Sequence[str]) -> list[dict[str, Any]]:
+    """Every hub's answer. Of the hubs found in the data directory, one that does not
+    answer is left out with a warning when others answer (its process may be ending);
+    endpoints given with --admin must all answer."""
+    if admin_urls:
+        return [fetch(Endpoint(url), path) for url in admin_urls]
+    answers: list[dict[str, Any]] = []
+    failures: list[str] = []
+    for endpoint in discover(data_dir):
+        try:
+            answers.append(fetch(endpoint, path))
+        except HubNotReachable as exc:
+            failures.append(str(exc))
+    if not answers:
+        raise HubNotReachable("; ".join(failures))
+    for failure in failures:
+        print(f"trio-cloudhub: warning: left out: {failure}", file=sys.stderr)
+    return answers
+
+
 def get(
     what: str,
     data_dir: Path,
@@ -314,10 +322,8 @@ def get(
     output: str | None = None,
 ) -> str:
     """What `trio-cloudhub get nodes|pods` prints; HubNotReachable when no hub answers."""
-    path = f"/admin/{what}"
     try:
-        endpoints = [Endpoint(url) for url in admin_urls] or discover(data_dir)
-        answers = [fetch(endpoint, path) for endpoint in endpoints]
+        answers = _ask(f"/admin/{what}", data_dir, admin_urls)
     except HubNotReachable as exc:
         if (
             what != "pods"

@@ -5,6 +5,7 @@ command line as a subprocess reading the hub's admin endpoint."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -204,7 +205,12 @@ async def test_records_outlive_the_hub_and_a_stopped_hub_is_named(tmp_path: Path
             assert b"showing the pod reports stored in the database" in pods.stderr
             assert column(pods.stdout.decode(), "NAME", "default") == "web"
 
+            dead = await trio.lowlevel.open_process([sys.executable, "-c", "pass"])
+            await dead.wait()
+            left_over = hub.data_dir / "run" / f"admin-{dead.pid}-9.json"  # as after SIGKILL
+            left_over.write_text(json.dumps({"url": "http://127.0.0.1:9", "pid": dead.pid}))
             await hub.start()
+            assert not left_over.exists()  # a starting hub removes what dead hubs left
             after = {
                 item["name"]: item for item in (await shown_json("nodes", hub.data_dir))["items"]
             }
@@ -246,7 +252,12 @@ async def test_several_hubs_are_merged_by_discovery_and_by_admin_urls(tmp_path: 
             # Both processes' files in one data directory, as `serve --workers N` would.
             for path in (a.data_dir / "run").glob("admin-*.json"):
                 (b.data_dir / "run" / path.name).write_text(path.read_text())
-            doc = await get_json("nodes", "--data-dir", str(b.data_dir))  # the command itself
+            # A live process whose endpoint does not answer (say, a worker that is ending).
+            silent = b.data_dir / "run" / f"admin-{os.getpid()}-1.json"
+            silent.write_text(json.dumps({"url": "http://127.0.0.1:1", "pid": os.getpid()}))
+            result = await get("nodes", "-o", "json", "--data-dir", str(b.data_dir))
+            assert b"warning: left out: cannot reach http://127.0.0.1:1" in result.stderr
+            doc = json.loads(result.stdout)
             assert len(doc["hubs"]) == 2
             items = {item["name"]: item for item in doc["items"]}
             assert items["edge-1"]["status"] == "Connected"

@@ -37,7 +37,11 @@ from trio_cloudhub.admin_api import (
     API_VERSION,
     CONNECTED,
     DISCONNECTED,
+    FILE_PREFIX,
     NEVER_CONNECTED,
+    RUN_DIR,
+    announced_pid,
+    process_alive,
     report_item,
     rfc3339,
 )
@@ -212,6 +216,14 @@ def write_admin_file(path: Path, identity: HubIdentity, extra: Mapping[str, Any]
         log.warning("admin endpoint not announced in %s: %s", path.parent, exc)
         return False
     return True
+
+
+def remove_stale_admin_files(data_dir: Path) -> None:
+    """Announcements of processes that are gone (a hub killed with SIGKILL)."""
+    for path in (Path(data_dir) / RUN_DIR).glob(f"{FILE_PREFIX}*.json"):
+        pid = announced_pid(path)
+        if pid is not None and not process_alive(pid):
+            remove_admin_file(path)
 
 
 def remove_admin_file(path: Path) -> None:

@@ -43,6 +43,7 @@ from trio_cloudhub.hub.admin import (
     kube_pod_items,
     local_pod_items,
     remove_admin_file,
+    remove_stale_admin_files,
     write_admin_file,
 )
 from trio_cloudhub.hub.hub import Hub, HubSettings
@@ -251,6 +252,7 @@ async def _start_metrics(
 def _announce(data_dir: Path, config: Config, port: int, identity: HubIdentity) -> list[Path]:
     """Write the admin file `trio-cloudhub get` finds this hub by; [] when it could not."""
     host, _ = parse_bind_address(config.common_config.monitor_server.bind_address)
+    remove_stale_admin_files(data_dir)
     path = admin_file(data_dir, port)
     written = write_admin_file(path, identity, {"url": admin_url(host, port)})
     return [path] if written else []
