@@ -240,6 +240,8 @@ def atheris_target(
             figures["inputs"] = int(executed.group(1))
         status = [line for line in child.stderr.splitlines() if re.match(r"#\d+\s", line)]
         figures["libfuzzer_last_status"] = status[-1] if status else ""
+        if not executed and status:
+            figures["inputs"] = int(status[-1][1:].split()[0])
         return figures
 
 
