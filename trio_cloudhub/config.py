@@ -148,6 +148,17 @@ class TrioCloudHub:
     # On SIGTERM/SIGINT: how long in-flight ACK waits may finish before sessions are closed.
     drain_timeout_seconds: float = 5.0
     log_level: str = "INFO"
+    # Per session, what an edge may send up: messages per second with a burst, and bytes per
+    # second with a burst (one message of maxMessageSize passes at once). An edge over them
+    # is read more slowly (nothing is dropped). EdgeCore limits itself to 30 qps, burst 60;
+    # 0 turns a limit off.
+    upstream_qps: float = 300.0
+    upstream_burst: int = 600
+    upstream_bytes_per_second: float = 8.0 * 1024 * 1024
+    upstream_bytes_burst: int = 64 * 1024 * 1024
+    # Warnings about a misbehaving edge (rate limited, no ACK, another node's certificate):
+    # at most one line per node and kind per this many seconds, with the count held back.
+    warning_period_seconds: float = 60.0
 
 
 @attrs.frozen
@@ -400,6 +411,12 @@ def validate(config: Config) -> list[str]:
         problems.append("must be > 0 @ $.trioCloudHub.ackTimeoutSeconds/ackMaxSends")
     if not 0 <= extra.reconcile_interval_seconds <= 86400:
         problems.append("must be in [0, 86400] @ $.trioCloudHub.reconcileIntervalSeconds")
+    if min(extra.upstream_qps, extra.upstream_burst) < 0:
+        problems.append("must be >= 0 @ $.trioCloudHub.upstreamQps/upstreamBurst")
+    if min(extra.upstream_bytes_per_second, extra.upstream_bytes_burst) < 0:
+        problems.append("must be >= 0 @ $.trioCloudHub.upstreamBytesPerSecond/upstreamBytesBurst")
+    if extra.warning_period_seconds < 0:
+        problems.append("must be >= 0 @ $.trioCloudHub.warningPeriodSeconds")
     if not 0 <= extra.drain_timeout_seconds <= 3600:
         problems.append("must be in [0, 3600] @ $.trioCloudHub.drainTimeoutSeconds")
     return problems

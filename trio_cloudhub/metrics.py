@@ -19,6 +19,9 @@ prefixed `trio_cloudhub_`:
   queues, and in the deepest one (pending, in flight and no-ACK);
 - `trio_cloudhub_rejected_messages_total{reason}`: the `rejected:*` and `dropped:*` keys of
   `Hub.stats` (e.g. `rejected:authorization`, `dropped:away`);
+- `trio_cloudhub_limited_total{kind}`: times an edge hit a bound (`upstream-rate`,
+  `upstream-bytes`: its reader waited; `no-ack`: a message given up after its retries;
+  `foreign-identity`: another node's certificate with authorization off);
 - `trio_cloudhub_reconciled_messages_total`: changes queued again by reconciliation;
 - `trio_cloudhub_store_lag_seconds` (gauge): age of the oldest change the store has seen
   and not yet handed to the hub's node queues, 0 when caught up (`ChangeLag`);
@@ -108,6 +111,7 @@ OPERATIONS = frozenset(
     }
 )
 OTHER = "other"
+LIMITED_KINDS = ("upstream-rate", "upstream-bytes", "no-ack", "foreign-identity")
 # Loopback ACKs take about a millisecond; a lost frame costs whole ACK timeouts (5 s each).
 ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 60)
 CONNECTED_NODES_HELP = "Number of nodes that connected to the cloudHub instance"  # KubeEdge's
@@ -164,6 +168,15 @@ class Metrics:
         self._sent_other = self._sent[OTHER]
         self._received_other = self._received[OTHER]
         self.count_retransmission = self._retransmissions.inc
+        limited = Counter(
+            "trio_cloudhub_limited",
+            "Times an edge hit a bound: upstream-rate, upstream-bytes (its reader waited), "
+            "no-ack (a message given up after its retries), foreign-identity (another "
+            "node's certificate, authorization off)",
+            ["kind"],
+            registry=registry,
+        )
+        self._limited = {kind: limited.labels(kind) for kind in LIMITED_KINDS}
         self.observe_ack_latency = self._ack_latency.observe
 
     # --- hooks ---------------------------------------------------------------------------
@@ -173,6 +186,9 @@ class Metrics:
 
     def count_received(self, operation: str) -> None:
         self._received.get(operation, self._received_other).inc()
+
+    def count_limited(self, kind: str) -> None:
+        self._limited[kind].inc()
 
     def count_handshake(self, transport: str, result: str) -> None:
         """One connection attempt's outcome (the results are listed in the module docstring)."""

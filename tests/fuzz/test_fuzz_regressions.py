@@ -254,3 +254,11 @@ def test_material_is_valid() -> None:
     assert fuzz.fuzz_csr(m.csr_der) == "signed"
     assert fuzz.fuzz_client_cert(m.client_cert_der) == "accepted"
     assert token.verify_token(m.jwt, m.ca.key_der, fuzz.NOW + timedelta(hours=1))
+
+
+@pytest.mark.parametrize("kind", ["{name: p}", "[Pod]"])
+def test_a_manifest_whose_kind_is_not_a_string_is_skipped(kind: str) -> None:
+    data = f"kind: {kind}\napiVersion: v1\nmetadata: {{name: n}}\n".encode()
+    found, warnings = manifests.parse_manifest_bytes(data, json_format=False)
+    assert found == []
+    assert "unsupported kind" in warnings[0]

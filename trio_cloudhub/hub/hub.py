@@ -19,6 +19,7 @@ import trio
 
 from trio_cloudhub.config import Config
 from trio_cloudhub.core.admission import admission_problem
+from trio_cloudhub.core.limits import EveryPeriod
 from trio_cloudhub.core.message import (
     VOLUME_OPERATIONS,
     Message,
@@ -33,7 +34,7 @@ from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.metrics import Metrics
-from trio_cloudhub.pki.identity import connection_identity_problem
+from trio_cloudhub.pki.identity import certificate_node, connection_identity_problem
 from trio_cloudhub.store.base import CloudStore, SessionEvent, StoreError
 from trio_cloudhub.uds import UdsRequestError
 
@@ -74,6 +75,12 @@ class HubSettings:
     # several hubs a node may be served by another one, so a hub keeps queues only for its
     # sessions and a node that connects is brought up to date by reconciliation.
     queue_while_away: bool = True
+    # Per-session upstream limits (0: off) and the period of warnings about bad actors.
+    upstream_qps: float = 300.0
+    upstream_burst: int = 600
+    upstream_bytes_per_second: float = 8.0 * 1024 * 1024
+    upstream_bytes_burst: int = 64 * 1024 * 1024
+    warning_period: float = 60.0
 
     @classmethod
     def from_config(cls, config: Config) -> HubSettings:
@@ -91,6 +98,11 @@ class HubSettings:
             authorization=hub.authorization.enable,
             authorization_debug=hub.authorization.debug,
             queue_while_away=config.store_kind == "local",
+            upstream_qps=extra.upstream_qps,
+            upstream_burst=extra.upstream_burst,
+            upstream_bytes_per_second=extra.upstream_bytes_per_second,
+            upstream_bytes_burst=extra.upstream_bytes_burst,
+            warning_period=extra.warning_period_seconds,
         )
 
 
@@ -110,6 +122,7 @@ class Hub:
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
         self.upstream = UpstreamDispatcher(self._handle_upstream)
         self._volume_waiters: dict[str, _VolumeWaiter] = {}  # request msg_id -> waiter
+        self._warnings = EveryPeriod(settings.warning_period)
 
     @staticmethod
     def now_ms() -> int:
@@ -363,11 +376,42 @@ class Hub:
             while self._open_connections:
                 await self._no_connections.wait()
 
+    # --- bad actors -------------------------------------------------------------------
+
+    def note_limited(self, node_id: str, kind: str, detail: str) -> None:
+        """An edge hit a bound (`kind`: upstream-rate, upstream-bytes, no-ack,
+        foreign-identity): counted every time, logged once per period per node and kind."""
+        self.metrics.count_limited(kind)
+        held = self._warnings.due((node_id, kind), trio.current_time())
+        if held is None:
+            return
+        more = f" ({held} more since the last such line)" if held else ""
+        log.warning(
+            "node %s: %s%s",
+            node_id,
+            detail,
+            more,
+            extra={"node": node_id, "reason": kind},
+        )
+
     # --- identity (modules.cloudHub.authorization, spec 9.1) -------------------------
 
     def authenticate(self, node_id: str, peer_cert_der: bytes | None) -> str | None:
-        """The transport's handshake check: None to accept, else why it is refused."""
+        """The transport's handshake check: None to accept, else why it is refused.
+
+        With authorization off (KubeEdge's default) any fleet certificate may speak for any
+        node, as in KubeEdge; a per-node certificate (CN system:node:X) used for another node
+        is accepted but counted (`foreign-identity`) and warned about once per period.
+        """
         if not self.settings.authorization:
+            owner = certificate_node(peer_cert_der)
+            if owner is not None and owner != node_id:
+                self.note_limited(
+                    node_id,
+                    "foreign-identity",
+                    f"connected with the certificate of node {owner!r} (accepted: "
+                    "authorization is off)",
+                )
             return None
         problem = connection_identity_problem(node_id, peer_cert_der)
         if problem is None:

@@ -223,7 +223,7 @@ async def _serve_edges(
         port=websocket.port,
         max_message_size=config.trio_cloud_hub.max_message_size,
         write_timeout=float(config.cloud_hub.write_timeout),
-        authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
+        authenticate=hub.authenticate,
         on_handshake_failure=partial(hub.metrics.count_handshake, "websocket"),
         task_status=task_status,
     )
@@ -294,7 +294,7 @@ async def _serve_quic_edges(
         settings,
         host=quic.address,
         port=quic.port,
-        authenticate=hub.authenticate if config.cloud_hub.authorization.enable else None,
+        authenticate=hub.authenticate,
         on_handshake_failure=partial(hub.metrics.count_handshake, "quic"),
         task_status=task_status,
     )

@@ -25,13 +25,14 @@ import trio
 
 from trio_cloudhub.core import codec
 from trio_cloudhub.core.delivery import Acked, Delivery, Send, WaitUntil
+from trio_cloudhub.core.limits import TokenBucket
 from trio_cloudhub.core.message import Message, object_uid, trim_for_edge
 from trio_cloudhub.core.rules import Upstream, as_sent_to, classify_upstream, control_reply
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle, wall_ms
 
 if TYPE_CHECKING:
-    from trio_cloudhub.hub.hub import Hub
+    from trio_cloudhub.hub.hub import Hub, HubSettings
 
 log = logging.getLogger("trio_cloudhub.session")
 IN_FLIGHT_POLL = 0.25  # how often a copy still in transit at its ACK deadline is looked at
@@ -83,14 +84,30 @@ class NodeSession(NodeSessionHandle):
     # --- upstream ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        max_size = self.hub.settings.max_message_size
+        settings = self.hub.settings
+        max_size = settings.max_message_size
+        buckets = _upstream_buckets(settings, trio.current_time())
         while True:
             frame = await self.conn.receive()
+            if buckets:
+                await self._throttle(buckets, len(frame))
             try:
                 message = codec.decode(frame, max_size)
             except codec.CodecError as exc:
                 raise SessionEnded(f"undecodable frame: {exc}") from None
             await self._handle(message)
+
+    async def _throttle(self, buckets: list[tuple[str, TokenBucket, bool]], size: int) -> None:
+        """Wait while the edge is over its upstream limits (TCP holds what it sends)."""
+        now = trio.current_time()
+        wait = 0.0
+        for kind, bucket, by_bytes in buckets:
+            needed = bucket.take(size if by_bytes else 1, now)
+            if needed > 0:
+                self.hub.note_limited(self.node_id, kind, f"sends faster than its {kind} limit")
+                wait = max(wait, needed)
+        if wait:
+            await trio.sleep(wait)
 
     async def _handle(self, message: Message) -> None:
         self._count_received(message.operation)
@@ -155,11 +172,8 @@ class NodeSession(NodeSessionHandle):
             else:
                 self.end_flight()
                 self.entry.queue.failed(message, trio.current_time())
-                log.info(
-                    "node %s: no ACK for %s after retries",
-                    self.node_id,
-                    message.resource,
-                    extra={"node": self.node_id, "msg_id": message.msg_id, "reason": "no ACK"},
+                self.hub.note_limited(
+                    self.node_id, "no-ack", f"no ACK for {message.resource} after retries"
                 )
         await trio.sleep_forever()
 
@@ -229,3 +243,15 @@ class NodeSession(NodeSessionHandle):
             await self.conn.send(frame)
         if scope.cancelled_caught:
             raise SessionEnded(f"write did not finish within {timeout:g} s")
+
+
+def _upstream_buckets(settings: HubSettings, now: float) -> list[tuple[str, TokenBucket, bool]]:
+    """(kind, bucket, counts bytes) for each upstream limit that is on."""
+    buckets = []
+    if settings.upstream_qps > 0 and settings.upstream_burst > 0:
+        bucket = TokenBucket(settings.upstream_qps, settings.upstream_burst, now)
+        buckets.append(("upstream-rate", bucket, False))
+    if settings.upstream_bytes_per_second > 0 and settings.upstream_bytes_burst > 0:
+        rate, burst = settings.upstream_bytes_per_second, settings.upstream_bytes_burst
+        buckets.append(("upstream-bytes", TokenBucket(rate, burst, now), True))
+    return buckets

@@ -51,3 +51,14 @@ def _common_names(der: bytes) -> list[str] | None:
     except _UNDECODABLE:
         return None
     return [str(attribute.value) for attribute in attributes]
+
+
+def certificate_node(peer_cert_der: bytes | None) -> str | None:
+    """X of a certificate whose only subject CN is `system:node:X`; None for any other
+    (legacy shared `kubeedge.io`, none, undecodable). Never raises."""
+    if peer_cert_der is None or len(peer_cert_der) > MAX_CERT_DER:
+        return None
+    names = _common_names(peer_cert_der)
+    if not names or len(names) != 1 or not names[0].startswith(NODE_USER_PREFIX):
+        return None
+    return names[0][len(NODE_USER_PREFIX) :] or None

@@ -325,7 +325,8 @@ def normalise_document(doc: Any, index: int, warnings: list[str]) -> Manifest | 
     if not isinstance(doc, dict):
         raise ManifestError(f"document {index} is not a mapping")
     kind, api_version = doc.get("kind"), doc.get("apiVersion")
-    if kind not in SUPPORTED_KINDS or api_version != API_VERSION:
+    # `kind: {a: b}` is a mapping: not hashable, so not looked up.
+    if not isinstance(kind, str) or kind not in SUPPORTED_KINDS or api_version != API_VERSION:
         warnings.append(f"document {index}: skipping unsupported kind {api_version}/{kind}")
         return None
     metadata = doc.get("metadata")

@@ -229,7 +229,8 @@ def fuzz_codec(data: bytes) -> str:
 # --- WebSocket frame reader -------------------------------------------------------------------
 
 
-async def _ws_messages(chunks: Sequence[bytes]) -> tuple[list[str | bytes], ScriptedStream]:
+async def _ws_messages(chunks: Sequence[bytes]) -> tuple[list[str | bytes], str]:
+    """The messages read from a server-side connection fed `chunks`, and why it ended."""
     stream = ScriptedStream(chunks)
     connection = WebSocketConnection(
         stream,
@@ -244,18 +245,18 @@ async def _ws_messages(chunks: Sequence[bytes]) -> tuple[list[str | bytes], Scri
         while True:
             try:
                 message = await connection.receive()
-            except EdgeDisconnected:
-                return messages, stream
+            except EdgeDisconnected as exc:
+                return messages, str(exc)
             check(isinstance(message, str | bytes), f"receive() gave {type(message).__name__}")
             check(len(message) <= WS_MAX_MESSAGE, f"message of {len(message)} bytes passed")
             messages.append(message)
 
 
 async def fuzz_websocket_async(data: bytes) -> str:
-    whole, _ = await _ws_messages([data])
+    whole, why = await _ws_messages([data])
     pieces, _ = await _ws_messages(splits_of(data))
     check(whole == pieces, f"messages differ by how reads are cut: {len(whole)}/{len(pieces)}")
-    return f"{len(whole)} message(s)"
+    return f"{min(len(whole), 3)}+ message(s), {why}"
 
 
 def ws_client_frames(parts: Sequence[tuple[str, bytes | str, bool]]) -> bytes:
