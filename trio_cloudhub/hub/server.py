@@ -94,6 +94,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> N
         ready = False
         async with trio.open_nursery() as root:
             root.start_soon(hub.dispatch_upstream)
+            root.start_soon(hub.run_timers)
             await root.start(cloud.run_token_refresher)
             # HTTPS first: /livez answers and /readyz says "not ready" during the cache sync.
             https_port = await root.start(

@@ -1,25 +1,33 @@
-"""One connected edge: reader, ACK sender and no-ACK sender inside a keepalive cancel scope.
+"""One connected edge: one task reads; a message is sent by whatever made it sendable.
 
 Rules (spec 6.2, design 3):
-- no keepalive for `keepaliveInterval` seconds ends the session (the scope's deadline moves
-  on each keepalive; other messages do not move it);
+- the session's task reads the connection and handles what arrives; sending is synchronous
+  (`EdgeConnection.send_nowait`) and happens in the task that made a message sendable: the
+  store routing a change, the reader handling the ACK of the message before it, the hub's
+  timers (retransmission, back-off). No task waits for work, so an idle edge costs one task;
+- no keepalive for `keepaliveInterval` seconds ends the session (a timer compares the time
+  of the last keepalive; other messages do not count);
 - ACK-mode messages go one at a time (stop-and-wait), the same frame re-sent every
   `ackTimeout` seconds up to `ackMaxSends` times, then handed back to the queue with back-off;
-- a frame that is not a message, a write that does not finish within `writeTimeout`, or any
-  transport error ends the session; the node's queue stays for its next session.
+- bytes the connection could not send at once are flushed by a helper task started for that
+  (the only deadline on writing): a write that does not finish within `writeTimeout`, a
+  frame that is not a message, or any transport error ends the session; the node's queue
+  stays for its next session.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from trio_cloudhub.core import codec
-from trio_cloudhub.core.delivery import Acked, Delivery, Send, WaitUntil
-from trio_cloudhub.core.message import Message, trim_for_edge
+from trio_cloudhub.core.delivery import Delivery, GiveUp, Send, WaitUntil
+from trio_cloudhub.core.fast_upstream import fast_upstream
+from trio_cloudhub.core.message import OP_KEEPALIVE, OP_RESPONSE, Message
 from trio_cloudhub.core.rules import Upstream, classify_upstream, control_reply
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle
@@ -31,7 +39,7 @@ log = logging.getLogger("trio_cloudhub.session")
 
 
 class SessionEnded(Exception):
-    """Ends the session on purpose (bad frame, slow writer); the reason is logged."""
+    """Ends the session on purpose (bad frame); the reason is logged."""
 
 
 class NodeSession(NodeSessionHandle):
@@ -43,9 +51,14 @@ class NodeSession(NodeSessionHandle):
         self.conn = conn
         self.node_id = entry.node_id
         self.transport = transport
+        self._settings = hub.settings
         self._tracing = log.isEnabledFor(logging.DEBUG)  # -v=4: every message, by route
         self._delivery: Delivery | None = None
-        self._acked = trio.Event()
+        self._frame = ""  # the in-flight message as sent (a retransmission sends it again)
+        self._keepalive_deadline = math.inf
+        self._retry_at = math.inf  # a back-off timer is set for this time
+        self._nursery: trio.Nursery | None = None  # open while the session reads
+        self._flushing = False
         # Metric hooks, bound once: the hot path pays a call and an increment.
         metrics = hub.metrics
         self._count_sent = metrics.count_sent
@@ -54,28 +67,91 @@ class NodeSession(NodeSessionHandle):
         self._observe_ack_latency = metrics.observe_ack_latency
 
     async def run(self) -> None:
-        settings = self.hub.settings
+        timers = self.hub.timers
+        self._keepalive_deadline = trio.current_time() + self._settings.keepalive_interval
         with self.cancel_scope:
-            self.cancel_scope.deadline = trio.current_time() + settings.keepalive_interval
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_loop)
-                    nursery.start_soon(self._ack_send_loop)
-                    nursery.start_soon(self._no_ack_send_loop)
+                    self._nursery = nursery
+                    try:
+                        self.entry.listener = self
+                        timers.at(self._keepalive_deadline, self._check_keepalive)
+                        self.kick()
+                        self.send_no_ack()
+                        await self._read_loop()
+                    finally:
+                        self._nursery = None
+                        if self.entry.listener is self:
+                            self.entry.listener = None
+                        nursery.cancel_scope.cancel()  # a flush still waiting is moot now
             except* (EdgeDisconnected, SessionEnded) as group:
                 if not self.end_reason:
                     self.end_reason = str(group.exceptions[0]) or "edge disconnected"
-        if self.cancel_scope.cancelled_caught and not self.end_reason:
-            self.end_reason = "keepalive timeout"
+        self._delivery = None
         self.release_in_flight()
         self.entry.queue.drop_no_ack()
+
+    @property
+    def _open(self) -> bool:
+        return self._nursery is not None and not self.end_reason
+
+    def _write(self, frame: str) -> bool:
+        """Hand one frame to the connection; a helper flushes what the socket did not take.
+        False when the session is over (never raises: any task may be the caller)."""
+        if not self._open:
+            return False
+        try:
+            if not self.conn.send_nowait(frame) and not self._flushing:
+                self._flushing = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._flush)
+        except EdgeDisconnected as exc:
+            self.end(str(exc) or "edge disconnected")
+            return False
+        return True
+
+    async def _flush(self) -> None:
+        timeout = self._settings.write_timeout
+        with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:
+            try:
+                await self.conn.flush()
+            except EdgeDisconnected as exc:
+                self.end(str(exc) or "edge disconnected")
+                return
+        if scope.cancelled_caught:
+            self.end(f"write did not finish within {timeout:g} s")
+            return
+        self._flushing = False
+        self.send_no_ack()  # what waited behind the full socket
+
+    def _check_keepalive(self, now: float) -> None:
+        if not self._open:
+            return
+        if now >= self._keepalive_deadline:
+            self.end("keepalive timeout")
+        else:
+            self.hub.timers.at(self._keepalive_deadline, self._check_keepalive)
 
     # --- upstream ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        max_size = self.hub.settings.max_message_size
+        receive = self.conn.receive
+        max_size = self._settings.max_message_size
+        fast = not self._tracing
         while True:
-            frame = await self.conn.receive()
+            frame = await receive()
+            if fast and isinstance(frame, str) and len(frame) <= max_size:
+                # EdgeCore's keepalives and ACKs, without a JSON decode (core.fast_upstream).
+                found = fast_upstream(frame)
+                if found is not None:
+                    kind, parent_msg_id = found
+                    if kind is Upstream.KEEPALIVE:
+                        self._count_received(OP_KEEPALIVE)
+                        self._on_keepalive()
+                    else:
+                        self._count_received(OP_RESPONSE)
+                        self._on_ack(parent_msg_id)
+                    continue
             try:
                 message = codec.decode(frame, max_size)
             except codec.CodecError as exc:
@@ -88,17 +164,20 @@ class NodeSession(NodeSessionHandle):
             self._trace("received", message)
         kind = classify_upstream(message)
         if kind is Upstream.KEEPALIVE:
-            self.cancel_scope.deadline = trio.current_time() + self.hub.settings.keepalive_interval
+            self._on_keepalive()
         elif kind is Upstream.ACK:
-            self._on_ack(message)
+            self._on_ack(message.header.parent_msg_id)
         elif kind is Upstream.CONTROL:
             reply = control_reply(message, self.hub.now_ms())
-            await self._send(codec.encode(reply))
-            self._count_sent(reply.operation)
+            if self._write(codec.encode(reply)):
+                self._count_sent(reply.operation)
         elif kind is Upstream.EMPTY:
             pass
         elif self.hub.admit(self.node_id, message):
             await self.hub.submit_upstream(self.node_id, kind, message)
+
+    def _on_keepalive(self) -> None:
+        self._keepalive_deadline = trio.current_time() + self._settings.keepalive_interval
 
     def _trace(self, what: str, message: Message) -> None:
         """One DEBUG line per message: route and ids, never the content (secrets)."""
@@ -116,82 +195,87 @@ class NodeSession(NodeSessionHandle):
             },
         )
 
-    def _on_ack(self, message: Message) -> None:
+    def _on_ack(self, parent_msg_id: str) -> None:
         delivery = self._delivery
-        if delivery is not None and delivery.on_ack(message.header.parent_msg_id):
-            self._observe_ack_latency(trio.current_time() - delivery.started_at)
-            self._acked.set()
+        if delivery is None or not delivery.on_ack(parent_msg_id):
+            return
+        self._observe_ack_latency(trio.current_time() - delivery.started_at)
+        message = delivery.message
+        self._delivery = None
+        self.end_flight()
+        self.entry.queue.acked(message)
+        self.hub.store.record_ack(self.node_id, message)
+        self.kick()
 
     # --- downstream -------------------------------------------------------------------
 
-    async def _ack_send_loop(self) -> None:
-        while True:
-            message = await self.entry.next_ack_message()
-            if self.hub.draining:
-                # Drain lets in-flight sends finish but starts no new one.
-                self.entry.queue.release(message)
-                break
-            self.start_flight(message)
-            self.hub.store.record_sent(self.node_id, message)
-            if await self._deliver(message):
-                self.end_flight()
-                self.entry.queue.acked(message)
-                self.hub.store.record_ack(self.node_id, message)
-            else:
-                self.end_flight()
-                self.entry.queue.failed(message, trio.current_time())
-                log.info(
-                    "node %s: no ACK for %s after retries",
-                    self.node_id,
-                    message.resource,
-                    extra={"node": self.node_id, "msg_id": message.msg_id, "reason": "no ACK"},
-                )
-        await trio.sleep_forever()
-
-    async def _deliver(self, message: Message) -> bool:
-        settings = self.hub.settings
-        frame = codec.encode(message.with_resource(trim_for_edge(message.resource)))
+    def kick(self) -> None:
+        """Start the next ACK-mode delivery if none is in flight (stop-and-wait)."""
+        if self._delivery is not None or not self._open or self.hub.draining:
+            return  # drain lets in-flight sends finish but starts no new one
+        queue = self.entry.queue
+        now = trio.current_time()
+        message = queue.pop_ready(now)
+        if message is None:
+            retry_at = queue.next_retry_at()
+            if retry_at is not None and retry_at < self._retry_at:
+                self._retry_at = retry_at
+                self.hub.timers.at(retry_at, self._on_retry_time)
+            return
+        self.start_flight(message)
+        self.hub.store.record_sent(self.node_id, message)
+        settings = self._settings
         delivery = Delivery(
-            message,
-            trio.current_time(),
-            interval=settings.ack_timeout,
-            max_sends=settings.ack_max_sends,
+            message, now, interval=settings.ack_timeout, max_sends=settings.ack_max_sends
         )
         self._delivery = delivery
-        self._acked = trio.Event()
-        try:
-            while True:
-                action = delivery.poll(trio.current_time())
-                if isinstance(action, Send):
-                    if self._tracing:
-                        self._trace(f"sending (attempt {action.attempt})", message)
-                    await self._send(frame)
-                    if action.attempt == 1:
-                        self._count_sent(message.operation)
-                    else:
-                        self._count_retransmission()
-                elif isinstance(action, WaitUntil):
-                    with trio.move_on_at(action.deadline):
-                        await self._acked.wait()
-                    if self._acked.is_set():
-                        return True
-                else:
-                    return isinstance(action, Acked)
-        finally:
-            self._delivery = None
+        self._frame = self.hub.frames.for_edge(message)
+        self._advance(delivery, now)
 
-    async def _no_ack_send_loop(self) -> None:
-        while True:
-            message = await self.entry.next_no_ack_message()
-            trimmed = message.with_resource(trim_for_edge(message.resource))
+    def _on_retry_time(self, now: float) -> None:
+        self._retry_at = math.inf
+        self.kick()
+
+    def _on_delivery_time(self, delivery: Delivery, now: float) -> None:
+        if delivery is self._delivery and self._open:
+            self._advance(delivery, now)
+
+    def _advance(self, delivery: Delivery, now: float) -> None:
+        """Do what the delivery asks for at `now`: send, wait (a timer), or give up."""
+        action = delivery.poll(now)
+        if isinstance(action, Send):
+            if self._tracing:
+                self._trace(f"sending (attempt {action.attempt})", delivery.message)
+            if not self._write(self._frame):
+                return
+            if action.attempt == 1:
+                self._count_sent(delivery.message.operation)
+            else:
+                self._count_retransmission()
+            action = delivery.poll(now)
+        if isinstance(action, WaitUntil):
+            self.hub.timers.at(action.deadline, partial(self._on_delivery_time, delivery))
+        elif isinstance(action, GiveUp):
+            message = delivery.message
+            self._delivery = None
+            self.end_flight()
+            self.entry.queue.failed(message, now)
+            log.info(
+                "node %s: no ACK for %s after retries",
+                self.node_id,
+                message.resource,
+                extra={"node": self.node_id, "msg_id": message.msg_id, "reason": "no ACK"},
+            )
+            self.kick()
+
+    def send_no_ack(self) -> None:
+        """Send the queued no-ACK messages (while the socket takes them)."""
+        queue = self.entry.queue
+        while self._open and not self._flushing:
+            message = queue.pop_no_ack()
+            if message is None:
+                return
             if self._tracing:
                 self._trace("sending (no ACK)", message)
-            await self._send(codec.encode(trimmed))
-            self._count_sent(message.operation)
-
-    async def _send(self, frame: str) -> None:
-        timeout = self.hub.settings.write_timeout
-        with trio.move_on_after(timeout if timeout > 0 else math.inf) as scope:
-            await self.conn.send(frame)
-        if scope.cancelled_caught:
-            raise SessionEnded(f"write did not finish within {timeout:g} s")
+            if self._write(self.hub.frames.for_edge(message)):
+                self._count_sent(message.operation)
