@@ -42,6 +42,9 @@ def fast_upstream(frame: str) -> tuple[Upstream, str] | None:
     if '"keepalive"' in frame:
         return _KEEPALIVE_ANSWER if _KEEPALIVE(frame) else None
     found = _ACK(frame)
-    if found is None or is_volume_resource(found[2]):
+    if found is None:
+        return None
+    resource = found[2]
+    if "/volume/" in resource and is_volume_resource(resource):
         return None  # a volume answer completes a CSI request instead
     return Upstream.ACK, found[1]

@@ -38,9 +38,10 @@ _checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
 
 def server_context_options(context: ssl.SSLContext) -> None:
     """What the hub's WebSocket port asks of its context: no session tickets (edges do not
-    resume, and a ticket costs a signature per handshake) and no TLS 1.2 renegotiation."""
+    resume, and a ticket costs an encryption and a record per handshake) and no TLS 1.2
+    renegotiation."""
     context.num_tickets = 0
-    context.options |= ssl.OP_NO_RENEGOTIATION
+    context.options |= ssl.OP_NO_TICKET | ssl.OP_NO_RENEGOTIATION
 
 
 def detach_socket(stream: trio.SocketStream) -> socket.socket:
