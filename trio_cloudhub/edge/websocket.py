@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import logging
 import os
+import socket
 import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import NoReturn, Protocol
 
@@ -67,6 +69,9 @@ _SWITCHING = (
 _HEAD_SHORT = struct.Struct("!BB")
 _HEAD_MEDIUM = struct.Struct("!BBH")
 _HEAD_LONG = struct.Struct("!BBQ")
+# accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
 _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
 # `authenticate(node_id, peer certificate DER or None)`: None admits, else the refusal reason.
 Authenticate = Callable[[str, bytes | None], str | None]
@@ -638,13 +643,36 @@ async def serve_websocket(
     )
     logger.info("WebSocket server listening on %s:%d", host or "*", bound_port)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, serve_one, listeners)
+        for listener in listeners:
+            nursery.start_soon(_accept_forever, listener, nursery, serve_one)
         task_status.started(bound_port)
-    raise AssertionError("serve_listeners returned")  # pragma: no cover
+    raise AssertionError("the accept loops returned")  # pragma: no cover
+
+
+async def _accept_forever(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    serve_one: Callable[[socket.socket], Awaitable[None]],
+) -> NoReturn:
+    """trio.serve_listeners, except that each connection's task gets the plain socket: no
+    trio stream is kept alive beside it for the connection's life."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                logger.error(
+                    "accept failed: %s; retrying in %s s", os.strerror(exc.errno), ACCEPT_RETRY
+                )
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            nursery.start_soon(serve_one, detach_socket(stream))
 
 
 async def _serve_connection(
-    tcp: trio.SocketStream,
+    sock: socket.socket,
     *,
     handler: ConnectionHandler,
     ssl_context: ssl.SSLContext,
@@ -653,10 +681,10 @@ async def _serve_connection(
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
 ) -> None:
-    remote = _peer_of(tcp)
-    transport = TlsTransport(detach_socket(tcp), ssl_context, server_side=True)
+    remote = _peer_of(sock)
+    transport = TlsTransport(sock, ssl_context, server_side=True)
     connection: WebSocketConnection | None = None
-    with trio.move_on_after(handshake_timeout) as scope:
+    with trio.move_on_after(handshake_timeout) as handshake:
         try:
             connection = await _accept(
                 transport, remote, max_message_size, authenticate, on_failure
@@ -665,7 +693,9 @@ async def _serve_connection(
             # A bug on one connection must not end the listener (and the hub with it).
             logger.exception("handshake with %s failed", remote)
             on_failure("error")
-    if scope.cancelled_caught:
+    timed_out = handshake.cancelled_caught
+    del handshake, sock  # nothing of the handshake stays with an idle connection
+    if timed_out:
         logger.debug("handshake with %s timed out after %s s", remote, handshake_timeout)
         on_failure("timeout")
     if connection is None:
@@ -848,9 +878,9 @@ async def _send_rejection(transport: TlsTransport, status: int) -> None:
     transport.abort()
 
 
-def _peer_of(tcp: trio.SocketStream) -> str:
+def _peer_of(sock: socket.socket) -> str:
     try:
-        address = tcp.socket.getpeername()
+        address = sock.getpeername()
     except OSError:
         return "?"
     host, port = address[0], address[1]
