@@ -155,6 +155,7 @@ class TlsTransport:
         else:
             await _checkpoint_if_cancelled()
         read = self._ssl.read
+        sock = self._sock
         while True:
             try:
                 data = read(RECEIVE_BYTES)
@@ -172,31 +173,41 @@ class TlsTransport:
                 return data
             if self._outgoing.pending:
                 self._push_output()
-            if not await self._receive_raw():
-                self._incoming.write_eof()
-
-    async def _receive_raw(self) -> bool:
-        """Bytes from the socket into the SSLObject; False at EOF."""
-        sock = self._sock
-        if self._drained:
-            await trio.lowlevel.wait_readable(sock)
-            self._unyielded = 0
-        while True:
+            # Then bytes from the socket into the SSLObject (inline: one coroutine frame less
+            # per idle connection).
+            if self._drained:
+                await trio.lowlevel.wait_readable(sock)
+                self._unyielded = 0
             try:
                 raw = sock.recv(RECEIVE_BYTES)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                self._unyielded = 0
+                self._drained = True
                 continue
             except OSError as exc:
                 self._broken = f"connection lost: {type(exc).__name__}: {exc}"
                 raise trio.BrokenResourceError(self._broken) from exc
-            break
-        self._drained = len(raw) < RECEIVE_BYTES
-        if not raw:
-            return False
-        self._incoming.write(raw)
-        return True
+            self._drained = len(raw) < RECEIVE_BYTES
+            if raw:
+                self._incoming.write(raw)
+            else:
+                self._incoming.write_eof()
+
+    async def _receive_raw(self) -> bool:
+        """Bytes from the socket into the SSLObject (the handshake's reads); False at EOF."""
+        sock = self._sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                raw = sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                self._broken = f"connection lost: {type(exc).__name__}: {exc}"
+                raise trio.BrokenResourceError(self._broken) from exc
+            if not raw:
+                return False
+            self._incoming.write(raw)
+            return True
 
     # --- writing ------------------------------------------------------------------------
 

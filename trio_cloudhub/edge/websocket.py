@@ -280,7 +280,10 @@ class WebSocketConnection:
             if not self._fragmented:
                 end, message = _parse_frame(buffer, self._mask_bit, self._max_message_size)
                 if message is not None:
-                    del buffer[:end]
+                    if end < len(buffer):
+                        del buffer[:end]
+                    else:  # a new empty buffer: the old one keeps its largest size
+                        self._buffer = bytearray()
                     return message
                 if end == _NEED_MORE:
                     return None

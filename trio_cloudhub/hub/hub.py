@@ -320,13 +320,12 @@ class Hub:
             previous.end("replaced by a new connection")
         self.sessions[node_id] = session
         self._session_added.set()
-        fields = {"node": node_id, "transport": transport, "remote": conn.remote}
         log.info(
             "node %s connected from %s (project %s)",
             node_id,
             conn.remote,
             conn.project_id,
-            extra=fields,
+            extra={"node": node_id, "transport": transport, "remote": conn.remote},
         )
         self.reconcile_node(node_id)
         try:
@@ -341,6 +340,7 @@ class Hub:
                 if not self.settings.queue_while_away:
                     self.nodes.pop(node_id, None)
             reason = session.end_reason or "closed"
+            fields = {"node": node_id, "transport": transport, "remote": conn.remote}
             log.info(
                 "node %s disconnected: %s", node_id, reason, extra={**fields, "reason": reason}
             )

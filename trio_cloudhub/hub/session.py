@@ -69,25 +69,29 @@ class NodeSession(NodeSessionHandle):
     async def run(self) -> None:
         timers = self.hub.timers
         self._keepalive_deadline = trio.current_time() + self._settings.keepalive_interval
-        with self.cancel_scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
-                    try:
-                        self.entry.listener = self
-                        timers.at(self._keepalive_deadline, self._check_keepalive)
-                        self.kick()
-                        self.send_no_ack()
-                        await self._read_loop()
-                    finally:
-                        self._nursery = None
-                        if self.entry.listener is self:
-                            self.entry.listener = None
-                        nursery.cancel_scope.cancel()  # a flush still waiting is moot now
-            except* (EdgeDisconnected, SessionEnded) as group:
-                if not self.end_reason:
-                    self.end_reason = str(group.exceptions[0]) or "edge disconnected"
+        if self.end_reason:
+            return  # ended before it ran
+        try:
+            # The nursery's scope is the session's (`end()` cancels it): one scope, not two.
+            async with trio.open_nursery() as nursery:
+                self.cancel_scope = nursery.cancel_scope
+                self._nursery = nursery
+                try:
+                    self.entry.listener = self
+                    timers.at(self._keepalive_deadline, self._check_keepalive)
+                    self.kick()
+                    self.send_no_ack()
+                    await self._read_loop()
+                finally:
+                    self._nursery = None
+                    if self.entry.listener is self:
+                        self.entry.listener = None
+                    nursery.cancel_scope.cancel()  # a flush still waiting is moot now
+        except* (EdgeDisconnected, SessionEnded) as group:
+            if not self.end_reason:
+                self.end_reason = str(group.exceptions[0]) or "edge disconnected"
         self._delivery = None
+        self._frame = ""
         self.release_in_flight()
         self.entry.queue.drop_no_ack()
 
@@ -151,12 +155,15 @@ class NodeSession(NodeSessionHandle):
                     else:
                         self._count_received(OP_RESPONSE)
                         self._on_ack(parent_msg_id)
+                    del frame, found, parent_msg_id
                     continue
             try:
                 message = codec.decode(frame, max_size)
             except codec.CodecError as exc:
                 raise SessionEnded(f"undecodable frame: {exc}") from None
+            del frame  # an idle session holds no message while it waits for the next
             await self._handle(message)
+            del message
 
     async def _handle(self, message: Message) -> None:
         self._count_received(message.operation)
@@ -202,6 +209,7 @@ class NodeSession(NodeSessionHandle):
         self._observe_ack_latency(trio.current_time() - delivery.started_at)
         message = delivery.message
         self._delivery = None
+        self._frame = ""
         self.end_flight()
         self.entry.queue.acked(message)
         self.hub.store.record_ack(self.node_id, message)
@@ -258,6 +266,7 @@ class NodeSession(NodeSessionHandle):
         elif isinstance(action, GiveUp):
             message = delivery.message
             self._delivery = None
+            self._frame = ""
             self.end_flight()
             self.entry.queue.failed(message, now)
             log.info(
