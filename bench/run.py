@@ -478,6 +478,7 @@ async def start_workers(
     concurrency: int,
     lifetime: float,
     per_edge_certs: bool = False,
+    keepalive: float = KEEPALIVE,
 ) -> list[Worker]:
     procs = max(1, min(procs, edges))
     env = {
@@ -493,7 +494,7 @@ async def start_workers(
         command += ["--start", str(first), "--count", str(count)]
         command += ["--ca", str(identity["ca"]), "--cert", str(identity["cert"])]
         command += ["--key", str(identity["key"]), "--concurrency", str(concurrency)]
-        command += ["--keepalive", str(KEEPALIVE), "--fanout-resource", FANOUT_RESOURCE]
+        command += ["--keepalive", str(keepalive), "--fanout-resource", FANOUT_RESOURCE]
         command += ["--timeout", str(lifetime)]
         if per_edge_certs:
             command += ["--mint-with", str(hub.ca_key)]
@@ -669,7 +670,7 @@ class Bench:
                 "keepalives": keepalives,
                 "hub_cpu_us_per_keepalive": round(used.total * 1e6 / max(keepalives, 1), 1),
                 **self.baseline,
-                "edge_keepalive_s": KEEPALIVE,
+                "edge_keepalive_s": self.args.keepalive,
                 **self.drops_since(drops_before),
                 "manifests_poll_interval_s": POLL_INTERVAL,
                 "note": "the manifests folder is watched with inotify (polled every "
@@ -852,6 +853,7 @@ async def run_transport(args: argparse.Namespace, transport: str) -> None:
                     args.concurrency,
                     fleet_lifetime,
                     per_edge_certs=args.per_edge_certs,
+                    keepalive=args.keepalive,
                 )
                 if args.per_edge_certs:
                     log(f"fleet: minting {n} edge certificates with the hub's CA")
@@ -945,6 +947,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=5.0,
         help="the hub's CPU with nothing connected and nothing changing, over this window",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE,
+        help="seconds between an edge's keepalives (EdgeCore: 15; shorter to profile idle)",
     )
     parser.add_argument("--output", help="also write the whole run as one JSON document here")
     args = parser.parse_args(argv)
