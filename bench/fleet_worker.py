@@ -3,20 +3,30 @@
 Why not the `fleet` CLI of `trio_cloudhub.testing.edge_sim`: it reports once, at its end, with
 arrival times only as first/last over *all* messages and latencies against the hub's header
 timestamp. The benchmark needs (1) a common start signal for all processes, (2) a signal once
-the initial sync is acknowledged, while staying connected, and (3) the arrival wall time of one
-given message on every edge. This worker uses the same library (`open_fleet`, `SimEdge`), so
-edges behave exactly as the CLI's do (EdgeCore headers, keepalive, auto-ACK).
+the initial sync is acknowledged, while staying connected, and (3) the arrival and ACK wall
+times of one given message on every edge, round after round. This worker uses the same library
+(`open_fleet`, `SimEdge`), so edges behave exactly as the CLI's do (EdgeCore headers,
+keepalive, auto-ACK); times are taken by the simulator's `observer` hook, so no task waits per
+edge and the fleet spends its CPU on the protocol.
+
+`--mint-with CA_KEY`: every edge presents its own certificate, issued here for it by the hub's
+CA (`--ca` and this key) exactly as the hub's `/edge.crt` signs an EdgeCore request (CN
+`system:node:<node>`, O `system:nodes`, a P-256 key, clientAuth), one SSL context per edge,
+all made before `ready`; without it all edges share `--cert`/`--key`.
 
 `--transport quic`: the same edges over QUIC (`open_quic_fleet` of
 `trio_cloudhub.testing.quic_sim`: one trio-asyncio loop for all of this process's edges,
-`--port` is then the hub's UDP QUIC port).
+`--port` is then the hub's UDP QUIC port; shared identity only).
 
 Protocol: JSON lines on stdout, commands on stdin.
-  out {"event": "ready"}                      certificate loaded, waiting for "go"
+  out {"event": "ready"}                      certificates loaded, waiting for "go"
   in  go
   out {"event": "connected", ...}             all of this process's edges connected (or failed)
   out {"event": "synced", ...}                every edge received and ACKed `--sync-messages`
-  out {"event": "fanout", "arrivals": [...]}  every edge received and ACKed the fan-out update
+  out {"event": "fanout", "round": g, ...}    every connected edge received and ACKed the
+                                              update of the fan-out object with data
+                                              `generation: "g"` (arrival and ACK times)
+  out {"event": "counts", ...}                on `counts`: keepalives sent so far, connected
   in  stop  (or EOF on stdin, or `--timeout`) -> out {"event": "done", ...}, exit 0
 """
 
@@ -30,25 +40,32 @@ import os
 import resource
 import ssl
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, suppress
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from trio_cloudhub.core.message import GROUP_RESOURCE, OP_UPDATE, Message
+from trio_cloudhub.pki.certs import load_ca_pem
+from trio_cloudhub.pki.csr import EdgeCsr, sign_csr
 from trio_cloudhub.testing.edge_sim import (
     EdgeIdentity,
     Fleet,
-    Predicate,
+    IdentitySource,
+    Received,
     SimEdge,
-    SimEdgeDisconnected,
     open_fleet,
 )
 
-ACK_POLL = 0.005  # only while the last ACK sends finish (SimEdge wakes waiters on arrival)
+ACK_POLL = 0.005  # only while the last initial-sync ACK sends finish
 
 
 def percentiles(values: Sequence[float], digits: int = 3, *, low: bool = False) -> dict[str, float]:
@@ -83,6 +100,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ca", required=True, help="CA certificate (PEM)")
     parser.add_argument("--cert", required=True, help="edge client certificate (PEM)")
     parser.add_argument("--key", required=True, help="edge client key (PEM)")
+    parser.add_argument("--mint-with", help="CA key (PEM): a certificate of its own per edge")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--prefix", default="edge-")
@@ -94,61 +112,83 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def is_resource(message: Message) -> bool:
-    return message.route.group == GROUP_RESOURCE
+def fanout_generation(message: Message, resource_name: str) -> int | None:
+    """The generation carried by an update of the fan-out object, else None."""
+    route = message.route
+    if (
+        route.operation != OP_UPDATE
+        or route.group != GROUP_RESOURCE
+        or route.resource != resource_name
+    ):
+        return None
+    content = message.content
+    data = content.get("data") if isinstance(content, dict) else None
+    generation = data.get("generation") if isinstance(data, dict) else None
+    return int(generation) if isinstance(generation, str) and generation.isdigit() else None
 
 
-def is_update_of(resource_name: str) -> Predicate:
-    def match(message: Message) -> bool:
-        route = message.route
-        return (
-            route.operation == OP_UPDATE
-            and is_resource(message)
-            and (route.resource == resource_name)
-        )
+class Recorder:
+    """Arrival and ACK times of the fan-out rounds, from the simulator's observer hook."""
 
-    return match
+    def __init__(self, args: argparse.Namespace, wall_offset: float) -> None:
+        self.resource = args.fanout_resource
+        self.sync_messages = args.sync_messages
+        self.wall_offset = wall_offset
+        self.rounds: dict[int, list[tuple[float, float]]] = {}  # generation -> (arrival, ack)
+        self.synced = 0
+        self.changed = trio.Event()
 
+    def observe(self, edge: SimEdge, item: Received) -> None:
+        if len(edge.received) == self.sync_messages:
+            self.synced += 1
+            self._wake()
+        generation = fanout_generation(item.message, self.resource)
+        if generation is not None:
+            acked = trio.current_time()
+            self.rounds.setdefault(generation, []).append(
+                (item.at + self.wall_offset, acked + self.wall_offset)
+            )
+            self._wake()
 
-def arrival(edge: SimEdge, predicate: Predicate) -> float | None:
-    """When (trio clock) the first message matching `predicate` arrived on `edge`."""
-    return next((item.at for item in edge.received if predicate(item.message)), None)
+    def _wake(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
 
-
-async def on_every_edge(
-    edges: Sequence[SimEdge], wait: Callable[[SimEdge], Awaitable[object]]
-) -> None:
-    """Run `wait` for every edge at once until all returned or their edge disconnected: one
-    task per edge, woken on arrival, so no polling loop competes with the hub for the CPU."""
-
-    async def one(edge: SimEdge) -> None:
-        with suppress(SimEdgeDisconnected):
-            await wait(edge)
-
-    async with trio.open_nursery() as nursery:
-        for edge in edges:
-            nursery.start_soon(one, edge)
-
-
-async def acks_at_least(edges: Sequence[SimEdge], count: int) -> None:
-    """The simulator ACKs right after recording a message; let those sends finish."""
-    while any(e.connected and e.acks_sent < count for e in edges):  # noqa: ASYNC110
-        await trio.sleep(ACK_POLL)
+    async def wait(self, done: Any) -> None:
+        while not done():
+            await self.changed.wait()
 
 
-async def read_commands(stdin: trio.lowlevel.FdStream, got: dict[str, trio.Event]) -> None:
-    buffer = b""
-    while True:
-        data = await stdin.receive_some(4096)
-        if not data:
-            got["stop"].set()  # parent went away
-            return
-        buffer += data
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            command = line.decode().strip()
-            if command in got:
-                got[command].set()
+def contexts_of(args: argparse.Namespace) -> IdentitySource | dict[str, ssl.SSLContext]:
+    """One shared context, or (--mint-with) one per edge with its own certificate, all made
+    now, before the clock runs."""
+    if not args.mint_with:
+        context = ssl.create_default_context(cafile=args.ca)
+        context.load_cert_chain(args.cert, args.key)
+        return context
+    ca_pem = Path(args.ca).read_bytes()
+    ca = load_ca_pem(ca_pem, Path(args.mint_with).read_bytes())
+    now = datetime.now(UTC)
+    contexts: dict[str, ssl.SSLContext] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as folder:
+        pem = Path(folder, "edge.pem")
+        for index in range(args.start, args.start + args.count):
+            node = f"{args.prefix}{index}"
+            key = ec.generate_private_key(ec.SECP256R1())
+            request = EdgeCsr(f"system:node:{node}", ("system:nodes",), key.public_key(), ())
+            cert = x509.load_der_x509_certificate(sign_csr(request, ca, now, 365))
+            pem.write_bytes(
+                cert.public_bytes(serialization.Encoding.PEM)
+                + key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+            )
+            context = ssl.create_default_context(cadata=ca_pem.decode())
+            context.load_cert_chain(pem)
+            contexts[node] = context
+    return contexts
 
 
 def fleet_of(args: argparse.Namespace) -> AbstractAsyncContextManager[Fleet]:
@@ -172,12 +212,20 @@ def fleet_of(args: argparse.Namespace) -> AbstractAsyncContextManager[Fleet]:
             concurrency=args.concurrency,
             keepalive_interval=args.keepalive,
         )
-    context = ssl.create_default_context(cafile=args.ca)
-    context.load_cert_chain(args.cert, args.key)
+    contexts = contexts_of(args)
+    if isinstance(contexts, dict):
+        per_edge = contexts
+
+        async def identity(node: str) -> IdentitySource:
+            return per_edge[node]
+
+        source: Any = identity
+    else:
+        source = contexts
     return open_fleet(
         args.host,
         args.port,
-        context,
+        source,
         args.count,
         prefix=args.prefix,
         start=args.start,
@@ -186,16 +234,62 @@ def fleet_of(args: argparse.Namespace) -> AbstractAsyncContextManager[Fleet]:
     )
 
 
+async def read_commands(stdin: trio.lowlevel.FdStream, got: trio.MemorySendChannel[str]) -> None:
+    buffer = b""
+    while True:
+        data = await stdin.receive_some(4096)
+        if not data:
+            await got.send("stop")  # parent went away
+            return
+        buffer += data
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            await got.send(line.decode().strip())
+
+
+async def report_rounds(fleet: Fleet, recorder: Recorder) -> None:
+    """The synced event, then one fanout event per generation all connected edges ACKed."""
+    await recorder.wait(lambda: recorder.synced >= len(fleet.connected))
+    while any(e.connected and e.acks_sent < recorder.sync_messages for e in fleet.edges):  # noqa: ASYNC110
+        await trio.sleep(ACK_POLL)
+    emit(
+        "synced",
+        unix=time.time(),
+        edges=len(fleet.connected),
+        acks=sum(e.acks_sent for e in fleet.edges),
+    )
+    reported: set[int] = set()
+    while True:
+        await recorder.changed.wait()
+        for generation, times in sorted(recorder.rounds.items()):
+            if generation in reported or len(times) < len(fleet.connected):
+                continue
+            reported.add(generation)
+            emit(
+                "fanout",
+                round=generation,
+                arrivals=[round(at, 6) for at, _ in times],
+                acks=[round(ack, 6) for _, ack in times],
+                connected=len(fleet.connected),
+            )
+
+
 async def run_phases(
     args: argparse.Namespace,
     fleet_cm: AbstractAsyncContextManager[Fleet],
-    got: dict[str, trio.Event],
+    commands: trio.MemoryReceiveChannel[str],
 ) -> dict[str, Any]:
     wall_offset = time.time() - trio.current_time()
     emit("ready", pid=os.getpid())
-    await got["go"].wait()
+    while (command := await commands.receive()) != "go":
+        if command == "stop":
+            return {}
     go_unix = time.time()
+    recorder = Recorder(args, wall_offset)
     async with fleet_cm as fleet:
+        for edge in fleet.edges:
+            edge.observer = recorder.observe
+            recorder.synced += len(edge.received) >= args.sync_messages
         emit(
             "connected",
             connected=len(fleet.edges),
@@ -207,36 +301,17 @@ async def run_phases(
             connect_times_ms=[round(t * 1000, 2) for t in fleet.connect_times],
         )
         async with trio.open_nursery() as nursery:
-            fanout_on = is_update_of(args.fanout_resource)
-
-            async def phases() -> None:
-                await on_every_edge(
-                    fleet.edges, lambda e: e.wait_for_messages(args.sync_messages, math.inf)
-                )
-                await acks_at_least(fleet.edges, args.sync_messages)
-                emit(
-                    "synced",
-                    unix=time.time(),
-                    edges=len(fleet.connected),
-                    acks=sum(e.acks_sent for e in fleet.edges),
-                )
-                await on_every_edge(fleet.edges, lambda e: e.expect(fanout_on, math.inf))
-                await acks_at_least(fleet.edges, args.sync_messages + 1)
-                arrivals = [at for e in fleet.edges if (at := arrival(e, fanout_on)) is not None]
-                emit(
-                    "fanout",
-                    arrivals=[round(at + wall_offset, 6) for at in arrivals],
-                    acked=sum(1 for e in fleet.edges if e.acks_sent > args.sync_messages),
-                    connected=len(fleet.connected),
-                )
-                await trio.sleep_forever()
-
-            async def stopper() -> None:
-                await got["stop"].wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(phases)
-            nursery.start_soon(stopper)
+            nursery.start_soon(report_rounds, fleet, recorder)
+            async for command in commands:
+                if command == "stop":
+                    break
+                if command == "counts":
+                    emit(
+                        "counts",
+                        keepalives=sum(e.keepalives_sent for e in fleet.edges),
+                        connected=len(fleet.connected),
+                    )
+            nursery.cancel_scope.cancel()
         return {
             "connected": len(fleet.edges),
             "still_connected": len(fleet.connected),
@@ -253,14 +328,14 @@ async def run_phases(
 
 async def amain(args: argparse.Namespace) -> None:
     fleet_cm = fleet_of(args)
-    got = {"go": trio.Event(), "stop": trio.Event()}
+    send, receive = trio.open_memory_channel[str](100)
     summary: dict[str, Any] = {}
     timed_out = True
     with trio.move_on_after(args.timeout):
         async with trio.open_nursery() as nursery:
             stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-            nursery.start_soon(read_commands, stdin, got)
-            summary = await run_phases(args, fleet_cm, got)
+            nursery.start_soon(read_commands, stdin, send)
+            summary = await run_phases(args, fleet_cm, receive)
             nursery.cancel_scope.cancel()
         timed_out = False
     emit(
@@ -274,6 +349,9 @@ async def amain(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # a socket per edge
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     trio.run(amain, args)
     return 0
 

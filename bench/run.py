@@ -2,8 +2,11 @@
 
     python -m bench.run --edges 1000 [--fleet-procs 3] [--idle-seconds 30]
                         [--scenario all|connect|idle|fanout] [--transport websocket|quic|both]
+    python -m bench.run --edges 1000,5000,15000 --per-edge-certs --fanout-rounds 5 \
+                        --output bench/results/issue13-after.json      # the issue 13 figures
 
-Each scenario prints one JSON line on stdout; progress goes to stderr. See bench/README.md.
+Each scenario prints one JSON line on stdout (per fleet size); progress goes to stderr. See
+bench/README.md.
 
 Environment (optional, for profiling the hub):
   BENCH_PYSPY=DIR     record each phase of the hub with `py-spy record --format raw` into DIR
@@ -20,6 +23,7 @@ import os
 import platform
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -102,6 +106,11 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cores": os.cpu_count(), "python": platform.python_version(), "cpu": model}
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (others' work on the machine shows here)."""
+    return [round(value, 2) for value in os.getloadavg()]
 
 
 # --- the hub process ----------------------------------------------------------------------
@@ -241,6 +250,7 @@ class Hub:
         self.websocket_port = 0
         self.https_port = 0
         self.quic_port = 0
+        self.metrics_port = 0
         self.manifests.mkdir(parents=True)
         quic = QUIC_CONFIG.format(host=HOST) if transport == "quic" else ""
         self.config.write_text(
@@ -301,7 +311,9 @@ class Hub:
                 if self.https_port and not self.websocket_port:
                     # The metrics port (plain HTTP) is the third one, when it is up.
                     for port in sorted(ports - {self.https_port}):
-                        if not await is_plain_http(port):
+                        if await is_plain_http(port):
+                            self.metrics_port = port
+                        else:
                             self.websocket_port = port
                             break
                 if self.https_port and self.transport == "quic" and not self.quic_port:
@@ -315,6 +327,11 @@ class Hub:
         command += ["--data-dir", str(self.data_dir)]
         result = await trio.run_process(command, capture_stdout=True, capture_stderr=True)
         return str(result.stdout.decode()).strip()
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA key the hub generated (the config points its tls*File keys nowhere)."""
+        return self.data_dir / "pki" / "ca.key"
 
     def recorded_acks(self) -> int:
         """Ack points the hub stored for the config map's current version (hub-side proof)."""
@@ -406,7 +423,10 @@ class Worker:
                         event = json.loads(line)
                     except ValueError:
                         continue
-                    self.events[event["event"]] = event
+                    name = event["event"]
+                    if "round" in event:
+                        name = f"{name}:{event['round']}"
+                    self.events[name] = event
                     self._changed.set()
                     self._changed = trio.Event()
         finally:
@@ -424,6 +444,14 @@ class Worker:
         assert self.process.stdin is not None
         with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.process.stdin.send_all(command.encode() + b"\n")
+
+
+async def counts(workers: Sequence[Worker]) -> list[dict[str, Any]]:
+    """Each worker's keepalives sent so far (fresh answers to a `counts` command)."""
+    for worker in workers:
+        worker.events.pop("counts", None)
+        await worker.send("counts")
+    return await wait_all(workers, "counts", 30)
 
 
 async def wait_all(workers: Sequence[Worker], name: str, within: float) -> list[dict[str, Any]]:
@@ -449,6 +477,8 @@ async def start_workers(
     procs: int,
     concurrency: int,
     lifetime: float,
+    per_edge_certs: bool = False,
+    keepalive: float = KEEPALIVE,
 ) -> list[Worker]:
     procs = max(1, min(procs, edges))
     env = {
@@ -464,8 +494,10 @@ async def start_workers(
         command += ["--start", str(first), "--count", str(count)]
         command += ["--ca", str(identity["ca"]), "--cert", str(identity["cert"])]
         command += ["--key", str(identity["key"]), "--concurrency", str(concurrency)]
-        command += ["--keepalive", str(KEEPALIVE), "--fanout-resource", FANOUT_RESOURCE]
+        command += ["--keepalive", str(keepalive), "--fanout-resource", FANOUT_RESOURCE]
         command += ["--timeout", str(lifetime)]
+        if per_edge_certs:
+            command += ["--mint-with", str(hub.ca_key)]
         process = await trio.lowlevel.open_process(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO
         )
@@ -494,12 +526,18 @@ async def stop_workers(workers: Sequence[Worker]) -> list[dict[str, Any]]:
 # --- scenarios ----------------------------------------------------------------------------
 
 
+RESULTS: list[dict[str, Any]] = []  # every line emitted, for --output
+
+
 def emit(figures: dict[str, Any]) -> None:
-    print(json.dumps({**figures, "machine": machine()}), flush=True)
+    line = {**figures, "load_average": load_average(), "machine": machine()}
+    RESULTS.append(line)
+    print(json.dumps(line), flush=True)
 
 
 CONNECT_NOTES = {
-    "websocket": "mutual TLS with one shared edge identity bootstrapped via HTTPS; "
+    "websocket": "mutual TLS with one shared edge identity bootstrapped via HTTPS, or "
+    "(certificates: one per edge) a certificate per edge issued by the hub's CA; "
     "hub CPU includes the initial sync (pod + config map) that starts at once",
     "quic": "QUIC v1 (aioquic, TLS 1.3, mutual) with one shared edge identity bootstrapped via "
     "HTTPS, then the header on the control stream answered `ack`; each fleet process runs all "
@@ -538,16 +576,22 @@ class Bench:
         return {"hub_udp_drops": self.udp_drops() - before}
 
     async def measure_baseline(self, with_cpu: bool) -> None:
-        """Hub RSS before any edge, and its idle CPU with no edge (the manifests poll alone)."""
+        """Hub RSS before any edge, and its idle CPU with no edge and nothing changing."""
         await trio.sleep(SETTLE)
         self.rss_before = rss_kb(self.hub.pid)
         if not with_cpu:
             return
-        window = min(5.0, self.args.idle_seconds)
+        window = self.args.idle_no_edges_seconds
+        log(f"hub idle with no edge for {window} s")
         before = self.cpu()
+        began = time.monotonic()
         await trio.sleep(window)
         used = self.cpu() - before
-        self.baseline = {"hub_cpu_s_per_idle_minute_no_edges": round(used.total * 60 / window, 3)}
+        window = time.monotonic() - began
+        self.baseline = {
+            "hub_cpu_s_per_idle_minute_no_edges": round(used.total * 60 / window, 4),
+            "no_edges_window_s": round(window, 1),
+        }
 
     async def connect(self, report: bool) -> None:
         log(f"connecting {self.n} edges from {len(self.workers)} processes")
@@ -582,6 +626,7 @@ class Bench:
                     "hub_cpu_ms_per_edge": round(used.total * 1000 / max(ok, 1), 2),
                     "fleet_cpu_s": round(fleet_used, 2),
                     **self.drops_since(drops_before),
+                    "certificates": "one per edge" if self.args.per_edge_certs else "shared",
                     "note": CONNECT_NOTES[self.transport],
                     **self.pinned(),
                 }
@@ -599,6 +644,7 @@ class Bench:
         rss_after = rss_kb(self.hub.pid)
         seconds = self.args.idle_seconds
         log(f"idle for {seconds} s")
+        sent_before = sum(event["keepalives"] for event in await counts(self.workers))
         async with pyspy(self.hub, "idle"):
             drops_before = self.udp_drops()
             before = self.cpu()
@@ -606,6 +652,8 @@ class Bench:
             await trio.sleep(seconds)
             used = self.cpu() - before
             window = time.monotonic() - began
+        keepalives = sum(event["keepalives"] for event in await counts(self.workers))
+        keepalives -= sent_before
         emit(
             {
                 "scenario": "idle",
@@ -619,65 +667,97 @@ class Bench:
                 "idle_s": round(window, 2),
                 **used.figures("hub_cpu"),
                 "hub_cpu_s_per_idle_minute": round(used.total * 60 / window, 3),
+                "keepalives": keepalives,
+                "hub_cpu_us_per_keepalive": round(used.total * 1e6 / max(keepalives, 1), 1),
                 **self.baseline,
-                "edge_keepalive_s": KEEPALIVE,
+                "edge_keepalive_s": self.args.keepalive,
                 **self.drops_since(drops_before),
                 "manifests_poll_interval_s": POLL_INTERVAL,
                 "note": "the manifests folder is watched with inotify (polled every "
                 f"{POLL_INTERVAL} s only without it); *_no_edges is the hub idle before any "
-                "edge connected",
+                "edge connected; keepalives: sent by the fleet during the window, the hub's "
+                "whole CPU divided by them",
                 **self.pinned(),
             }
         )
 
     async def fanout(self, synced: Sequence[dict[str, Any]]) -> None:
-        log("fan-out: rewriting the config map")
+        rounds = self.args.fanout_rounds
+        log(f"fan-out: {rounds} round(s) of rewriting the config map")
+        results = []
         async with pyspy(self.hub, "fanout"):
-            fleet_before = fleet_cpu(self.workers)
-            drops_before = self.udp_drops()
-            before = self.cpu()
-            t0 = time.time()
-            self.hub.write_config_map(2)
-            events = await wait_all(self.workers, "fanout", 60 + self.n / 20)
-            await trio.sleep(0.25)  # the hub handles the last ACKs
-            used = self.cpu() - before
-            fleet_used = fleet_cpu(self.workers) - fleet_before
-            window = time.time() - t0
-        arrivals = [at for event in events for at in event["arrivals"]]
-        recorded = 0
-        with trio.move_on_after(5):
-            while recorded < len(arrivals):
-                recorded = await trio.to_thread.run_sync(self.hub.recorded_acks)
-                await trio.sleep(0.2)
-        if not arrivals:
-            raise RuntimeError(f"no edge received the fan-out: {events}")
-        all_s = max(arrivals) - t0
-        spread = max(arrivals) - min(arrivals)
+            for generation in range(2, rounds + 2):
+                results.append(await self.fanout_round(generation))
+                await trio.sleep(SETTLE)  # the ACK writes, between rounds
+        arrivals_s = [at for r in results for at in r["latencies_s"]]
+        messages = sum(r["received"] for r in results)
+        cpu = sum(r["cpu"].total for r in results)
+        acked = [r["all_acked_s"] for r in results]
         emit(
             {
                 "scenario": "fanout",
                 "transport": self.transport,
                 "edges": self.n,
-                "received": len(arrivals),
-                "acked_by_edges": sum(event["acked"] for event in events),
-                "acks_recorded_by_hub": recorded,
-                "all_received_s": round(all_s, 4),
-                "messages_per_s": round(len(arrivals) / all_s, 1),
-                "messages_per_s_first_to_last": round((len(arrivals) - 1) / spread, 1)
-                if spread > 0
-                else None,
-                "latency_ms": percentiles([(at - t0) * 1000 for at in arrivals], 1, low=True),
-                **used.figures("hub_cpu"),
-                "hub_cpu_window_s": round(window, 3),
-                "hub_cpu_s_per_1000_messages": round(used.total / max(len(arrivals), 1) * 1000, 3),
-                "fleet_cpu_s": round(fleet_used, 2),
-                **self.drops_since(drops_before),
+                "rounds": rounds,
+                "received": messages,
+                "acked_by_edges": sum(r["acked"] for r in results),
+                "acks_recorded_by_hub": [r["recorded"] for r in results],
+                "all_acked_s": round(statistics.median(acked), 4),
+                "all_acked_s_max": round(max(acked), 4),
+                "all_acked_s_rounds": [round(value, 4) for value in acked],
+                "all_received_s_rounds": [round(r["all_received_s"], 4) for r in results],
+                "messages_per_s": round(messages / sum(acked), 1),
+                "latency_ms": percentiles([at * 1000 for at in arrivals_s], 1, low=True),
+                "hub_cpu_s": round(cpu, 3),
+                "hub_cpu_s_per_1000_messages": round(cpu / max(messages, 1) * 1000, 3),
+                "hub_cpu_s_per_1000_messages_rounds": [
+                    round(r["cpu"].total / max(r["received"], 1) * 1000, 3) for r in results
+                ],
+                "fleet_cpu_s": round(sum(r["fleet_cpu"] for r in results), 2),
+                **self.drops_since(results[0]["drops_before"]),
                 "manifests_poll_interval_s": POLL_INTERVAL,
-                "note": "latency is from just before the ConfigMap file write to arrival at the "
-                "edge and includes the store's 20 ms inotify debounce; every edge ACKs at once",
+                "note": "per round: t0 just before the ConfigMap file is rewritten (new "
+                "generation); all_acked_s = last edge's ACK sent - t0, latency = arrival - t0 "
+                "(includes the store's 20 ms inotify debounce); hub CPU from t0 until 0.25 s "
+                "after the last ACK, per 1,000 messages delivered and ACKed",
                 **self.pinned(),
             }
         )
+
+    async def fanout_round(self, generation: int) -> dict[str, Any]:
+        fleet_before = fleet_cpu(self.workers)
+        drops_before = self.udp_drops()
+        before = self.cpu()
+        t0 = time.time()
+        self.hub.write_config_map(generation)
+        events = await wait_all(self.workers, f"fanout:{generation}", 60 + self.n / 20)
+        await trio.sleep(0.25)  # the hub handles the last ACKs
+        used = self.cpu() - before
+        fleet_used = fleet_cpu(self.workers) - fleet_before
+        arrivals = [at for event in events for at in event["arrivals"]]
+        acks = [at for event in events for at in event["acks"]]
+        if not arrivals:
+            raise RuntimeError(f"no edge received the fan-out: {events}")
+        recorded = 0
+        with trio.move_on_after(5):
+            while recorded < len(arrivals):
+                recorded = await trio.to_thread.run_sync(self.hub.recorded_acks)
+                await trio.sleep(0.2)
+        log(
+            f"round {generation - 1}: {len(arrivals)} received, all ACKed after "
+            f"{max(acks) - t0:.3f} s, hub CPU {used.total:.2f} s"
+        )
+        return {
+            "received": len(arrivals),
+            "acked": len(acks),
+            "recorded": recorded,
+            "all_received_s": max(arrivals) - t0,
+            "all_acked_s": max(acks) - t0,
+            "latencies_s": [at - t0 for at in arrivals],
+            "cpu": used,
+            "fleet_cpu": fleet_used,
+            "drops_before": drops_before,
+        }
 
     def pinned(self) -> dict[str, Any]:
         return {"pinned": "hub on CPU 0, fleet on the others"} if self.args.pin else {}
@@ -696,18 +776,59 @@ def pin(hub: Hub, workers: Sequence[Worker]) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    """Every scenario over each transport asked for, each transport with a hub of its own."""
+    """Every scenario at each fleet size over each transport asked for, each with a hub of
+    its own; with --output, everything emitted goes to that file too, with the command."""
     transports = TRANSPORTS if args.transport == "both" else (args.transport,)
-    for transport in transports:
-        await run_transport(args, transport)
+    began = time.time()
+    for size in args.sizes:
+        for transport in transports:
+            await run_transport(argparse.Namespace(**{**vars(args), "edges": size}), transport)
+    if args.output:
+        write_output(args, began)
     return 0
+
+
+def write_output(args: argparse.Namespace, began: float) -> None:
+    """The run as one JSON document: command, machine, every line, and per size the figures
+    issue 13 asks for (a summary of the lines)."""
+    summary: dict[str, dict[str, Any]] = {}
+    for line in RESULTS:
+        figures = summary.setdefault(f"{line['transport']}:{line['edges']}", {})
+        if line["scenario"] == "connect":
+            figures["connect_all_s"] = line["connect_all_s"]
+            figures["connected"] = line["connected"]
+        elif line["scenario"] == "idle":
+            figures["hub_kb_per_idle_edge"] = line["hub_kb_per_edge"]
+            figures["hub_cpu_s_per_idle_minute"] = line["hub_cpu_s_per_idle_minute"]
+            figures["hub_cpu_us_per_keepalive"] = line["hub_cpu_us_per_keepalive"]
+            figures["hub_cpu_s_per_idle_minute_no_edges"] = line.get(
+                "hub_cpu_s_per_idle_minute_no_edges"
+            )
+        elif line["scenario"] == "fanout":
+            figures["fanout_all_acked_median_s"] = line["all_acked_s"]
+            figures["fanout_all_acked_max_s"] = line["all_acked_s_max"]
+            figures["latency_p50_ms"] = line["latency_ms"]["p50"]
+            figures["latency_p99_ms"] = line["latency_ms"]["p99"]
+            figures["hub_cpu_s_per_1000_messages"] = line["hub_cpu_s_per_1000_messages"]
+    document = {
+        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(began)),
+        "wall_s": round(time.time() - began, 1),
+        "machine": machine(),
+        "summary": summary,
+        "results": RESULTS,
+    }
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    log(f"results written to {path}")
 
 
 async def run_transport(args: argparse.Namespace, transport: str) -> None:
     scenarios = {"connect", "idle", "fanout"} if args.scenario == "all" else {args.scenario}
     n = args.edges
     # A bound on the fleet processes' lives: they stop by themselves after this.
-    fleet_lifetime = 240.0 + args.idle_seconds + n / 10
+    fleet_lifetime = 240.0 + args.idle_seconds + n / 10 + args.fanout_rounds * (5 + n / 200)
     with tempfile.TemporaryDirectory(prefix=f"cloudhub-bench-{transport}-") as folder:
         hub = Hub(Path(folder), n, transport)
         hub.write_manifests(n)
@@ -724,9 +845,19 @@ async def run_transport(args: argparse.Namespace, transport: str) -> None:
                 identity = await bootstrap(HOST, hub.https_port, token, "bench-edge")
                 files = write_identity(Path(folder, "identity"), identity)
                 workers = await start_workers(
-                    nursery, hub, files, n, args.fleet_procs, args.concurrency, fleet_lifetime
+                    nursery,
+                    hub,
+                    files,
+                    n,
+                    args.fleet_procs,
+                    args.concurrency,
+                    fleet_lifetime,
+                    per_edge_certs=args.per_edge_certs,
+                    keepalive=args.keepalive,
                 )
-                await wait_all(workers, "ready", 120)
+                if args.per_edge_certs:
+                    log(f"fleet: minting {n} edge certificates with the hub's CA")
+                await wait_all(workers, "ready", 120 + n / 20)
                 if args.pin:
                     pin(hub, workers)
                 bench = Bench(args, hub, workers)
@@ -781,7 +912,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--edges", type=int, default=1000)
+    parser.add_argument(
+        "--edges",
+        default="1000",
+        help="fleet size, or sizes separated by commas (each with a hub and fleet of its own)",
+    )
     parser.add_argument("--fleet-procs", type=int, default=3)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--scenario", choices=("all", "connect", "idle", "fanout"), default="all")
@@ -798,9 +933,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pin", action="store_true", help="hub alone on CPU 0, fleet processes on the others"
     )
+    parser.add_argument(
+        "--per-edge-certs",
+        action="store_true",
+        help="every edge with a certificate of its own (issued by the hub's CA, as /edge.crt "
+        "would), instead of one shared edge identity",
+    )
+    parser.add_argument(
+        "--fanout-rounds", type=int, default=1, help="config map changes, one after the other"
+    )
+    parser.add_argument(
+        "--idle-no-edges-seconds",
+        type=float,
+        default=5.0,
+        help="the hub's CPU with nothing connected and nothing changing, over this window",
+    )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        default=KEEPALIVE,
+        help="seconds between an edge's keepalives (EdgeCore: 15; shorter to profile idle)",
+    )
+    parser.add_argument("--output", help="also write the whole run as one JSON document here")
     args = parser.parse_args(argv)
-    if args.edges < 1 or args.fleet_procs < 1 or args.idle_seconds <= 0:
+    try:
+        args.sizes = [int(size) for size in str(args.edges).split(",")]
+    except ValueError:
+        parser.error("--edges: a number or numbers separated by commas")
+    if min(args.sizes) < 1 or args.fleet_procs < 1 or args.idle_seconds <= 0:
         parser.error("--edges and --fleet-procs must be >= 1, --idle-seconds > 0")
+    if args.fanout_rounds < 1 or args.idle_no_edges_seconds <= 0:
+        parser.error("--fanout-rounds must be >= 1, --idle-no-edges-seconds > 0")
+    args.edges = args.sizes[0]
     return args
 
 

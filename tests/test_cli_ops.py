@@ -100,3 +100,29 @@ def test_klog_verbosity_spellings(text: str, value: int) -> None:
 def test_a_bad_verbosity_is_refused() -> None:
     with pytest.raises(Exception, match="verbosity must be a number"):
         _verbosity("loud")
+
+
+def test_serve_raises_its_open_files_limit_to_the_hard_limit() -> None:
+    """Each edge holds a socket: the hub takes the soft limit up to the hard one, and says so
+    (and warns when the hard limit cannot hold nodeLimit edges)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, resource\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))\n"
+        "logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')\n"
+        "from trio_cloudhub.cli import raise_open_files_limit\n"
+        "new = raise_open_files_limit(10)\n"
+        "assert new == resource.getrlimit(resource.RLIMIT_NOFILE)[0], new\n"
+        "print('soft', new, 'hard', hard)\n"
+        "raise_open_files_limit(new + 1)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    soft, hard = (int(word) for word in result.stdout.split()[1::2])
+    assert soft == hard or hard == -1  # RLIM_INFINITY: raised to a large finite value
+    assert f"open files limit raised from 64 to {soft}" in result.stderr
+    assert "is below nodeLimit" in result.stderr

@@ -181,6 +181,7 @@ modules:
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
     setup_logging(level_for(args.verbosity, config.trio_cloud_hub.log_level))
+    raise_open_files_limit(config.cloud_hub.node_limit)
     if config.ignored:
         log.warning(
             "accepted but not used (CloudCore modules this hub does not run): %s",
@@ -191,6 +192,41 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         raise _single_failure(group) from None
     return 0
+
+
+# File descriptors the hub needs beside one per edge: listeners, SQLite, manifests, threads.
+SPARE_FILES = 256
+
+
+def raise_open_files_limit(node_limit: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (every edge holds a socket); logs what
+    it did, and warns when even the hard limit is below `nodeLimit`. The new soft limit."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        new = soft
+    else:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            new = wanted
+        except (OSError, ValueError) as exc:
+            log.warning("open files limit stays %d: cannot raise it to %d: %s", soft, wanted, exc)
+            new = soft
+    if new != soft:
+        log.info("open files limit raised from %d to %d (the hard limit)", soft, new)
+    if new != resource.RLIM_INFINITY and new < node_limit + SPARE_FILES:
+        log.warning(
+            "open files limit %d is below nodeLimit %d plus %d: connections beyond it fail "
+            "(raise the hard limit, e.g. ulimit -Hn or LimitNOFILE)",
+            new,
+            node_limit,
+            SPARE_FILES,
+        )
+    return int(new)
 
 
 def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:

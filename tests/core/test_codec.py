@@ -100,3 +100,15 @@ def test_large_content_round_trips() -> None:
         source="s", group="g", operation="o", resource="r", content=content, now_ms=1
     )
     assert json.loads(codec.encode(message))["content"] == content
+
+
+def test_message_ids_are_random_version_4_uuids() -> None:
+    import uuid
+
+    from trio_cloudhub.core.message import new_msg_id
+
+    ids = [new_msg_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid.RFC_4122, text)

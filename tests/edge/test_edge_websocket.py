@@ -298,7 +298,7 @@ async def test_close_without_close_frame_is_a_disconnect(
         if how == "tcp-close":
             await client.abort()
         else:  # what Go's tls.Conn.Close() does under gorilla
-            await client.stream.aclose()
+            await client.transport.aclose()
         await recorder.ended.wait()
         assert isinstance(recorder.endings[0], EdgeDisconnected)
         with pytest.raises(EdgeDisconnected):

@@ -24,9 +24,10 @@ from tests.store.conftest import (
     write_manifest,
 )
 from trio_cloudhub.core.message import Message
+from trio_cloudhub.store import local as local_module
 from trio_cloudhub.store import watch as watch_module
 from trio_cloudhub.store.local import WATCHED_POLL_MIN, LocalStore, open_local_store
-from trio_cloudhub.store.watch import FolderWatch, folder_watch
+from trio_cloudhub.store.watch import FolderWatch, blind_spot, filesystem_type, folder_watch
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
 Dirs = tuple[Path, Path]
@@ -245,3 +246,119 @@ async def test_folder_removed_and_recreated_is_followed_again(
         write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
         assert await prompt(running) == [("delete", "node/edge-1/default/pod/api")]
         nursery.cancel_scope.cancel()
+
+
+# --- no fallback poll while inotify sees everything (issue 13) -------------------------------
+
+
+@linux_only
+async def test_a_watched_local_folder_is_never_polled(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing but a notification makes the store look at the folder again."""
+    monkeypatch.setattr(local_module, "WATCHED_POLL_MIN", 0.05)
+    scans: list[float] = []
+    list_folder = local_module._list_folder
+
+    def counting(folder: Path, fs_type: str) -> tuple[dict[str, object], str]:
+        scans.append(0.0)  # in the worker thread: just count
+        return list_folder(folder, fs_type)  # type: ignore[return-value]
+
+    monkeypatch.setattr(local_module, "_list_folder", counting)
+    data, manifests = dirs
+    write_manifest(manifests, "web.yaml", pod("web", "edge-1"))
+    async with (
+        open_local_store(data, manifests, poll_interval=0.01) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        assert len(running.initial()) == 1
+        assert store.fallback_poll_reason == ""
+        await trio.sleep(1.0)  # 20 fallback polls, had there been any
+        assert len(scans) == 1  # the initial sync's
+        write_manifest(manifests, "api.yaml", pod("api", "edge-1"))
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/api")]
+        assert len(scans) == 2
+        nursery.cancel_scope.cancel()
+
+
+@linux_only
+async def test_a_symlink_to_a_file_elsewhere_turns_the_fallback_poll_on(
+    dirs: Dirs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Editing the target of such a link is no event in the folder: polled, and said so."""
+    monkeypatch.setattr(local_module, "WATCHED_POLL_MIN", 0.2)
+    caplog.set_level(logging.INFO, logger="trio_cloudhub.store")
+    data, manifests = dirs
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    write_manifest(elsewhere, "app.yaml", pod("web", "edge-1"))
+    async with (
+        open_local_store(data, manifests, poll_interval=0.01) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        assert store.fallback_poll_reason == ""
+        (manifests / "app.yaml").symlink_to(elsewhere / "app.yaml")
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/web")]
+        assert "symlink" in store.fallback_poll_reason
+        assert any("also polling" in r.getMessage() for r in caplog.records)
+        # Edited in place where inotify on the folder cannot see it: the poll finds it.
+        text = (elsewhere / "app.yaml").read_text()
+        (elsewhere / "app.yaml").write_text(text.replace("edge-1", "edge-2"))
+        with trio.fail_after(PROMPT):
+            got = {(await next_message(running)).route.resource for _ in range(2)}
+        assert got == {"node/edge-1/default/pod/web", "node/edge-2/default/pod/web"}
+        (manifests / "app.yaml").unlink()
+        await prompt(running)
+        await eventually(lambda: store.fallback_poll_reason == "")
+        nursery.cancel_scope.cancel()
+
+
+@linux_only
+async def test_an_overflowing_event_queue_still_wakes_and_keeps_the_watch(
+    tmp_path: Path,
+) -> None:
+    with folder_watch(tmp_path) as watch:
+        assert watch is not None
+        overflow_the_queue(tmp_path)
+        assert await notified(watch) > 0  # the queue overflowed: IN_Q_OVERFLOW comes too
+        assert watch.watching
+        while watch.drain():  # what a drain left (it reads a bounded amount)
+            pass
+        (tmp_path / "new.yaml").write_text("x")
+        assert await notified(watch) > 0
+
+
+def overflow_the_queue(folder: Path) -> None:
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    for index in range(limit // 2 + 10):  # two events each: IN_CREATE, IN_CLOSE_WRITE
+        (folder / f".junk-{index}").write_bytes(b"")
+
+
+def test_what_inotify_cannot_see(tmp_path: Path) -> None:
+    mountinfo = (
+        "22 27 0:21 / / rw,relatime - ext4 /dev/vda1 rw\n"
+        "40 22 0:40 / /srv/shared rw,relatime - nfs4 server:/export rw\n"
+        "41 22 0:41 / /srv/fuse rw - fuse.sshfs host:/x rw\n"
+    )
+    assert filesystem_type(Path("/srv/shared/manifests"), mountinfo) == "nfs4"
+    assert filesystem_type(Path("/srv/fuse/m"), mountinfo) == "fuse.sshfs"
+    assert filesystem_type(Path("/srv/sharedx"), mountinfo) == "ext4"
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a.yaml").write_text("")
+    assert blind_spot(folder, ["a.yaml"], "ext4") == ""
+    assert "nfs4 file system" in blind_spot(folder, ["a.yaml"], "nfs4")
+    assert "fuse.sshfs" in blind_spot(folder, ["a.yaml"], "fuse.sshfs")
+    # A mounted ConfigMap: the files link to ..data/ inside the folder: seen.
+    (folder / "..2024").mkdir()
+    (folder / "..2024" / "b.yaml").write_text("")
+    (folder / "..data").symlink_to("..2024")
+    (folder / "b.yaml").symlink_to("..data/b.yaml")
+    assert blind_spot(folder, ["a.yaml", "b.yaml"], "ext4") == ""
+    (tmp_path / "c.yaml").write_text("")
+    (folder / "c.yaml").symlink_to(tmp_path / "c.yaml")
+    assert "c.yaml is a symlink" in blind_spot(folder, ["c.yaml"], "ext4")
+    (tmp_path / "link").symlink_to(folder)
+    assert "goes through a symlink" in blind_spot(tmp_path / "link", ["a.yaml"], "ext4")

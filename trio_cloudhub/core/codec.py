@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import OrderedDict
 from typing import Any
 
-from trio_cloudhub.core.message import Header, Message, Route
+from trio_cloudhub.core.message import Header, Message, Route, trim_for_edge
 
 DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 
@@ -190,3 +191,96 @@ def _route_from(raw: dict[str, Any]) -> Route:
         operation=_string(raw, "operation"),
         resource=_string(raw, "resource"),
     )
+
+
+# --- frames for the edge, one content encoding per object version -------------------------
+
+# Printable ASCII that Go's encoder writes as it is (no quote, backslash or HTML character).
+_PLAIN = re.compile(r"[ !#-%\'-;=?-\[\]-~]*").fullmatch
+CONTENT_CACHE_ENTRIES = 64
+CONTENT_CACHE_CHARS = 16 * 1024 * 1024
+
+
+def json_string(text: str) -> str:
+    """A JSON string as Go writes it."""
+    return f'"{text}"' if _PLAIN(text) else go_json(text)
+
+
+def header_json(header: Header) -> str:
+    """`go_json(header_to_dict(header))`, built directly."""
+    out = '{"msg_id":' + json_string(header.msg_id)
+    if header.parent_msg_id:
+        out += ',"parent_msg_id":' + json_string(header.parent_msg_id)
+    out += f',"timestamp":{header.timestamp}'
+    if header.resource_version:
+        out += ',"resourceversion":' + json_string(header.resource_version)
+    if header.sync:
+        out += ',"sync":true'
+    if header.type:
+        out += ',"type":' + json_string(header.type)
+    return out + "}"
+
+
+def route_json(route: Route, resource: str) -> str:
+    """`go_json(route_to_dict(route))` with `resource` in place of the route's own."""
+    out = ""
+    for key, value in (
+        ("source", route.source),
+        ("destination", route.destination),
+        ("group", route.group),
+        ("operation", route.operation),
+        ("resource", resource),
+    ):
+        if value:
+            out += f',"{key}":' + json_string(value)
+    return "{" + out[1:] + "}"
+
+
+class FrameEncoder:
+    """`encode` for messages to edges, with each content's JSON computed once.
+
+    The messages of one change to N nodes share their content (the stored object): its JSON
+    is kept, by identity, for the next message with the same content, and only the header
+    and route (with the node prefix trimmed from the resource) are made per message. Message
+    contents are values, never changed once in a message. Bounded in entries and characters.
+    """
+
+    __slots__ = ("_chars", "_entries", "max_chars", "max_entries")
+
+    def __init__(
+        self, max_entries: int = CONTENT_CACHE_ENTRIES, max_chars: int = CONTENT_CACHE_CHARS
+    ) -> None:
+        self.max_entries = max_entries
+        self.max_chars = max_chars
+        self._entries: OrderedDict[int, tuple[Any, str]] = OrderedDict()
+        self._chars = 0
+
+    def content_json(self, content: Any) -> str:
+        if not isinstance(content, (dict, list)):
+            return go_json(content)
+        key = id(content)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] is content:
+            return entry[1]
+        text = go_json(content)
+        if len(text) <= self.max_chars // 4:
+            if entry is not None:  # a dead object's id, reused
+                self._chars -= len(entry[1])
+            self._entries[key] = (content, text)
+            self._chars += len(text)
+            while len(self._entries) > self.max_entries or self._chars > self.max_chars:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._chars -= len(dropped)
+        return text
+
+    def for_edge(self, message: Message) -> str:
+        """`encode(message.with_resource(trim_for_edge(message.resource)))`, byte for byte."""
+        return (
+            '{"header":'
+            + header_json(message.header)
+            + ',"route":'
+            + route_json(message.route, trim_for_edge(message.route.resource))
+            + ',"content":'
+            + self.content_json(message.content)
+            + "}\n"
+        )

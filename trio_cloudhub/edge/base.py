@@ -38,8 +38,19 @@ class EdgeConnection(Protocol):
         """The next whole message (text or binary); raises EdgeDisconnected."""
         ...
 
+    def send_nowait(self, text: str) -> bool:
+        """Send one text message without waiting: True when it is all on its way, False when
+        part of it waits for `flush()` (it is queued, in order, either way). Synchronous, so
+        any task may call it; raises EdgeDisconnected."""
+        ...
+
+    async def flush(self) -> None:
+        """Until nothing sent waits any more (one flushing task at a time); cancel-safe, bound
+        it with the caller's deadline; raises EdgeDisconnected."""
+        ...
+
     async def send(self, text: str) -> None:
-        """Send one text message; raises EdgeDisconnected."""
+        """`send_nowait`, then `flush` when needed; raises EdgeDisconnected."""
         ...
 
     async def aclose(self, reason: str = "") -> None:

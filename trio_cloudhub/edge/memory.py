@@ -9,6 +9,8 @@ backpressure to the hub as a real slow edge would.
 
 from __future__ import annotations
 
+from collections import deque
+
 import trio
 
 from trio_cloudhub.config import DEFAULT_PROJECT_ID
@@ -37,6 +39,8 @@ class MemoryHubEnd:
         self._down = down
         self._up = up
         self.close_reason: str | None = None
+        self._pending: deque[str] = deque()  # frames the full channel did not take yet
+        self._flush_lock = trio.StrictFIFOLock()
 
     @property
     def node_id(self) -> str:
@@ -63,11 +67,35 @@ class MemoryHubEnd:
         except _GONE:
             raise EdgeDisconnected(self.close_reason or "the edge closed the connection") from None
 
-    async def send(self, text: str) -> None:
+    def send_nowait(self, text: str) -> bool:
+        if self._pending:
+            self._pending.append(text)
+            return False
         try:
-            await self._down.send(text)
+            self._down.send_nowait(text)
+        except trio.WouldBlock:
+            self._pending.append(text)
+            return False
         except _GONE:
             raise EdgeDisconnected(self.close_reason or "the edge closed the connection") from None
+        return True
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            while self._pending:
+                try:
+                    await self._down.send(self._pending[0])
+                except _GONE:
+                    raise EdgeDisconnected(
+                        self.close_reason or "the edge closed the connection"
+                    ) from None
+                self._pending.popleft()
+
+    async def send(self, text: str) -> None:
+        if not self.send_nowait(text):
+            await self.flush()
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def aclose(self, reason: str = "") -> None:
         if self.close_reason is None:

@@ -522,7 +522,9 @@ class QuicEdgeConnection:
     async def receive(self) -> str | bytes:
         return await self._inbox.receive()
 
-    async def send(self, text: str) -> None:
+    def send_nowait(self, text: str) -> bool:
+        """Frame and hand the message to aioquic (which sends it now); False while more than
+        SEND_BUFFER bytes wait for the edge's acknowledgement (`flush` waits for that)."""
         self._inbox.check_open()
         try:
             message = codec.decode(text, self._max_payload)
@@ -532,13 +534,22 @@ class QuicEdgeConnection:
         protocol = self._protocol
         if self._send_stream is None:
             self._send_stream = protocol.open_send_stream()
-        stream = self._send_stream
-        protocol._quic.send_stream_data(stream, data)
+        protocol._quic.send_stream_data(self._send_stream, data)
         protocol.transmit()
+        return protocol.unacknowledged(self._send_stream) <= SEND_BUFFER
+
+    async def flush(self) -> None:
+        protocol, stream = self._protocol, self._send_stream
         # aioquic signals no acknowledgement event: poll while too much is in flight.
-        while protocol.unacknowledged(stream) > SEND_BUFFER and not self.closed:  # noqa: ASYNC110
+        while stream is not None and protocol.unacknowledged(stream) > SEND_BUFFER:
+            self._inbox.check_open()
             await trio.sleep(SEND_POLL)
         self._inbox.check_open()
+
+    async def send(self, text: str) -> None:
+        self.send_nowait(text)
+        await self.flush()
+        await trio.lowlevel.checkpoint()
 
     async def aclose(self, reason: str = "") -> None:
         if self.closed:

@@ -1,16 +1,16 @@
-"""The WebSocket transport of CloudHub: WSS with mutual TLS on trio's SSLStream (spec 4.1).
+"""The WebSocket transport of CloudHub: WSS with mutual TLS (spec 4.1) on `edge.tls`.
 
 We drive the two halves of the protocol ourselves, both sans-IO: h11 parses the upgrade request
 (so we can answer 400/403/405 as gorilla does and write the 101 byte for byte as CloudCore does),
 and wsproto's frame-level `Connection` handles frames after the upgrade, except the hot paths,
-framed here by hand: the server's outgoing text frames (trivial, unmasked), and incoming frames
-that are a whole message on their own (FIN, text or binary, masked as the peer must, no RSV
-bits). Every other frame (fragments, ping/pong/close, anything odd) is handed to wsproto, whole
-and in order, so wsproto's parser only ever sees frame boundaries it has seen the start of.
-A connection needs no task of its own: `receive()` reads the socket and `send()` writes it in
-the caller's task, so an idle edge costs one task (its handler) and a few small objects, and a
-message costs no task switch between a reader and a queue. trio-websocket, which runs a reader
-task and a channel per connection and cannot answer a POST with 405, is not used here.
+framed here by hand: the server's outgoing text frames (trivial, unmasked), the client's
+(masked), and incoming frames that are a whole message on their own (FIN, text or binary,
+masked as the peer must, no RSV bits). Every other frame (fragments, ping/pong/close, anything
+odd) is handed to wsproto, whole and in order, so wsproto's parser only ever sees frame
+boundaries it has seen the start of; wsproto's `Connection` is only made when such a frame (or
+our close) first needs it. A connection needs no task of its own: `receive()` reads the socket
+in the caller's task, and sending is synchronous (`send_nowait`: one TLS write and one `send`
+when the kernel takes it); only bytes the kernel did not take wait for `flush()`.
 
 Rules of a connection:
 - identity is the `node_id`/`project_id` request headers (any case); the path means nothing;
@@ -19,7 +19,7 @@ Rules of a connection:
   we send every message as one text frame;
 - a TCP close or TLS EOF without a close frame is a normal disconnect: `EdgeDisconnected`;
 - `receive()` is cancel-safe (partial messages live on the object), so callers may wrap it in
-  moving deadlines; `send()` is not: a send cancelled half-way breaks the connection;
+  moving deadlines; so is `flush()` (unsent bytes stay queued in order);
 - the server's `write_timeout` is a progress deadline, not a bound on one write: the kernel
   ends a connection whose sent bytes the peer has not acknowledged for that long (a vanished
   peer, or a receive window that stays closed because it stopped reading; TCP_USER_TIMEOUT),
@@ -40,9 +40,9 @@ import ssl
 import struct
 import sys
 import termios
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 import h11
 import trio
@@ -52,11 +52,12 @@ from wsproto.utilities import LocalProtocolError
 
 from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.base import ConnectionHandler, EdgeDisconnected
+from trio_cloudhub.edge.tls import TlsTransport, detach_socket, server_context_options
 
 logger = logging.getLogger(__name__)
 
 RECEIVE_BYTES = 64 * 1024
-# Payloads up to this size are unmasked with one big-int XOR, larger ones with four translates.
+# Payloads up to this size are (un)masked with one big-int XOR, larger ones with four translates.
 _UNMASK_BY_INT = 512
 _XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
 # _parse_frame's answers when it returns no message (a positive value is the frame's length).
@@ -72,16 +73,19 @@ _SWITCHING = (
     b"Connection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: %s\r\n\r\n"
 )
-_TEXT_HEAD_SHORT = struct.Struct("!BB")
-_TEXT_HEAD_MEDIUM = struct.Struct("!BBH")
-_TEXT_HEAD_LONG = struct.Struct("!BBQ")
+_HEAD_SHORT = struct.Struct("!BB")
+_HEAD_MEDIUM = struct.Struct("!BBH")
+_HEAD_LONG = struct.Struct("!BBQ")
+# accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_RETRY = 0.1
 _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
 # `authenticate(node_id, peer certificate DER or None)`: None admits, else the refusal reason.
 Authenticate = Callable[[str, bytes | None], str | None]
 # `on_handshake_failure(reason)`: a connection that never reached the handler, and why
 # (tls, bad-request, refused:identity, timeout, lost, error), for the metrics.
 HandshakeFailed = Callable[[str], None]
-# What trio raises when the peer vanished or the TLS layer failed under us.
+# What the transport raises when the peer vanished, TLS failed, or we closed it.
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
 # ioctl: bytes in a TCP socket's send queue (Linux's SIOCOUTQ is TIOCOUTQ).
 _SIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
@@ -100,11 +104,67 @@ class _IdentityRefused(HandshakeRejected):
     """`authenticate` refused the node's certificate (403)."""
 
 
+class ByteTransport(Protocol):
+    """What a WebSocket connection needs below it (`TlsTransport`, or `StreamTransport`)."""
+
+    async def receive_some(self) -> bytes | bytearray:
+        """Some bytes; b"" at EOF; trio.BrokenResourceError or ClosedResourceError."""
+        ...
+
+    def send_nowait(self, data: bytes | bytearray) -> bool:
+        """Queue `data`; True when it all left already (else `flush()`)."""
+        ...
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def linger(self) -> None:
+        """Stop sending, read and drop until the peer closes (bounded by the caller)."""
+        ...
+
+    def abort(self) -> None: ...
+
+
+class StreamTransport:
+    """Any trio Stream as a `ByteTransport` (tests; the hub uses `TlsTransport`)."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._pending = bytearray()
+        self._lock = trio.StrictFIFOLock()
+
+    async def receive_some(self) -> bytes | bytearray:
+        return await self.stream.receive_some(RECEIVE_BYTES)
+
+    def send_nowait(self, data: bytes | bytearray) -> bool:
+        self._pending += data
+        return False
+
+    async def flush(self) -> None:
+        async with self._lock:
+            while self._pending:
+                data, self._pending = bytes(self._pending), bytearray()
+                await self.stream.send_all(data)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    async def linger(self) -> None:
+        await self.flush()
+        while await self.stream.receive_some(RECEIVE_BYTES):
+            pass
+
+    def abort(self) -> None:
+        self._pending.clear()
+
+
 class WebSocketConnection:
-    """One open WebSocket on a byte stream, server or client side; an `EdgeConnection`."""
+    """One open WebSocket on a byte transport, server or client side; an `EdgeConnection`."""
 
     __slots__ = (
         "_buffer",
+        "_client",
         "_closed",
         "_delegated",
         "_fragmented",
@@ -113,21 +173,19 @@ class WebSocketConnection:
         "_node_id",
         "_parts",
         "_project_id",
-        "_read_some",
         "_remote",
-        "_send_lock",
         "_size",
         "_stall_timeout",
         "_ws",
         "_ws_events",
-        "stream",
+        "transport",
     )
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
-        ws: Connection,
+        transport: ByteTransport,
         *,
+        client: bool,
         node_id: str,
         project_id: str,
         remote: str,
@@ -135,15 +193,15 @@ class WebSocketConnection:
         trailing: bytes = b"",
         stall_timeout: float = 0.0,
     ) -> None:
-        """`ws` must not hold received bytes: bytes read after the upgrade go in `trailing`.
+        """Bytes read after the upgrade request or answer go in `trailing`.
         `stall_timeout`: the progress deadline the kernel enforces on the socket (0: none)."""
-        self.stream = stream
-        self._ws = ws
+        self.transport = transport
+        self._client = client
+        self._ws: Connection | None = None  # wsproto, made when a frame first needs it
         self._node_id = node_id
         self._project_id = project_id
         self._remote = remote
         self._max_message_size = max_message_size
-        self._send_lock = trio.StrictFIFOLock()
         # Fragments of the message being received: None while between messages (the common case).
         self._parts: list[str | bytes] | None = None
         self._size = 0
@@ -155,10 +213,9 @@ class WebSocketConnection:
         # wsproto is inside a fragmented message: every frame is its until the message ends.
         self._fragmented = False
         # The MASK bit every frame from the peer must carry: clients mask, servers do not.
-        self._mask_bit = 0 if ws.client else 0x80
+        self._mask_bit = 0 if client else 0x80
         # wsproto may have events to hand out (we fed it bytes since it last ran dry).
-        self._ws_events = True
-        self._read_some = _TlsReader.of(stream) or partial(stream.receive_some, RECEIVE_BYTES)
+        self._ws_events = False
         self._stall_timeout = stall_timeout
 
     @property
@@ -180,20 +237,35 @@ class WebSocketConnection:
         return self._stall_timeout
 
     def bytes_in_flight(self) -> int:
-        """What the kernel holds of what we sent: not sent yet or not acknowledged (SIOCOUTQ,
-        Linux; 0 elsewhere or on a stream that is not a socket)."""
-        stream = self.stream
-        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        if not isinstance(transport, trio.SocketStream) or _SIOCOUTQ is None:
+        """What we sent that the edge has not acknowledged: queued here for `flush`, plus what
+        the kernel holds (SIOCOUTQ, Linux); 0 on a transport that is not a socket."""
+        transport = self.transport
+        if not isinstance(transport, TlsTransport):
             return 0
+        pending = transport.pending_bytes
+        if _SIOCOUTQ is None:
+            return pending
         try:
-            answer = fcntl.ioctl(transport.socket.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+            answer = fcntl.ioctl(transport.fileno(), _SIOCOUTQ, b"\0\0\0\0")
         except OSError:
-            return 0
-        return int.from_bytes(answer, sys.byteorder, signed=True)
+            return pending
+        return pending + int.from_bytes(answer, sys.byteorder, signed=True)
 
     def __repr__(self) -> str:
         return f"<WebSocketConnection node={self._node_id!r} remote={self._remote}>"
+
+    def _wsproto(self) -> Connection:
+        ws = self._ws
+        if ws is None:
+            kind = ConnectionType.CLIENT if self._client else ConnectionType.SERVER
+            ws = self._ws = Connection(kind)
+        return ws
+
+    def _is_open(self) -> bool:
+        ws = self._ws
+        return ws is None or ws.state is ConnectionState.OPEN
+
+    # --- receiving ----------------------------------------------------------------------
 
     async def receive(self) -> str | bytes:
         """The next whole message; raises EdgeDisconnected once the connection is over."""
@@ -205,7 +277,7 @@ class WebSocketConnection:
             if self._closed:
                 raise EdgeDisconnected(self._closed)
             try:
-                data = await self._read_some()
+                data = await self.transport.receive_some()
             except _BROKEN as exc:
                 self._fail(self._lost(exc))
                 continue
@@ -242,7 +314,10 @@ class WebSocketConnection:
             if not self._fragmented:
                 end, message = _parse_frame(buffer, self._mask_bit, self._max_message_size)
                 if message is not None:
-                    del buffer[:end]
+                    if end < len(buffer):
+                        del buffer[:end]
+                    else:  # a new empty buffer: the old one keeps its largest size
+                        self._buffer = bytearray()
                     return message
                 if end == _NEED_MORE:
                     return None
@@ -261,20 +336,21 @@ class WebSocketConnection:
 
     def _feed_ws(self, data: bytes | bytearray) -> None:
         try:
-            self._ws.receive_data(data)  # type: ignore[arg-type]  # bytearray works too
+            self._wsproto().receive_data(data)  # type: ignore[arg-type]  # bytearray works too
         except LocalProtocolError:
             self._fail("data after the close frame")
         self._ws_events = True
 
     async def _next_ws_event(self) -> str | bytes | None:
         """Consume wsproto's pending events until one completes a message; None when drained."""
-        for event in self._ws.events():
+        ws = self._wsproto()
+        for event in ws.events():
             if isinstance(event, (TextMessage, BytesMessage)):
                 message = await self._add_fragment(event.data, event.message_finished)
                 if message is not None:
                     return message
-            elif isinstance(event, Ping) and self._ws.state is ConnectionState.OPEN:
-                await self._send_bytes(self._ws.send(event.response()))
+            elif isinstance(event, Ping) and ws.state is ConnectionState.OPEN:
+                await self._send_bytes(ws.send(event.response()))
             elif isinstance(event, CloseConnection):
                 await self._answer_close(event)
                 return None
@@ -307,19 +383,25 @@ class WebSocketConnection:
 
     async def _too_big(self) -> None:
         self._parts, self._size = None, 0
+        self._buffer.clear()
         reason = f"message above {self._max_message_size} bytes"
         logger.warning("closing %s of node %r: %s", self._remote, self._node_id, reason)
         await self._send_close(1009, reason)
         self._fail(reason)
-        await trio.aclose_forcefully(self.stream)
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            with contextlib.suppress(*_BROKEN):
+                await self.transport.linger()
+        self.transport.abort()
 
     async def _answer_close(self, event: CloseConnection) -> None:
         # A protocol error makes wsproto yield a CloseConnection while the state is still OPEN:
         # that is ours to send; a close frame from the peer leaves us REMOTE_CLOSING.
-        if self._ws.state is ConnectionState.REMOTE_CLOSING:
+        state = self._wsproto().state
+        if state is ConnectionState.REMOTE_CLOSING:
             await self._send_close(event.code, None)
             self._fail(f"close frame from the peer ({event.code} {event.reason or ''})".strip())
-        elif self._ws.state is ConnectionState.CLOSED:
+        elif state is ConnectionState.CLOSED:
             self._fail("the peer answered our close frame")  # we closed first
         else:
             await self._send_close(event.code, event.reason)
@@ -328,7 +410,7 @@ class WebSocketConnection:
     async def _send_close(self, code: int, reason: str | None) -> None:
         """Best effort: a peer that does not read must not keep us here."""
         try:
-            data = self._ws.send(CloseConnection(code=code, reason=reason))
+            data = self._wsproto().send(CloseConnection(code=code, reason=reason))
         except LocalProtocolError:
             return
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
@@ -337,7 +419,9 @@ class WebSocketConnection:
                 await self._send_bytes(data)
 
     def _lost(self, exc: BaseException) -> str:
-        if self._stall_timeout and _timed_out(exc):
+        transport = self.transport
+        kernel_gave_up = isinstance(transport, TlsTransport) and transport.timed_out
+        if self._stall_timeout and (kernel_gave_up or _timed_out(exc)):
             return f"no write progress for {self._stall_timeout:g} s"
         return f"connection lost: {_describe(exc)}"
 
@@ -346,64 +430,72 @@ class WebSocketConnection:
             self._closed = reason
         self._parts, self._size = None, 0
 
-    async def send(self, text: str) -> None:
-        """Send `text` as one text frame; raises EdgeDisconnected."""
+    # --- sending ------------------------------------------------------------------------
+
+    def send_nowait(self, text: str) -> bool:
+        """Send `text` as one text frame now; True when the kernel took all of it (False:
+        the rest waits for `flush()`). Raises EdgeDisconnected."""
         if self._closed:
             raise EdgeDisconnected(self._closed)
-        ws = self._ws
-        if ws.state is not ConnectionState.OPEN:
+        if not self._is_open():
             raise EdgeDisconnected("the connection is closing")
-        if ws.client:
-            data = ws.send(TextMessage(data=text))  # clients must mask: wsproto does it
-        else:
-            # The hot path of every downstream message: one unmasked FIN text frame, framed
-            # here in under 1 µs where wsproto's general framing takes about 5 µs.
-            data = _server_text_frame(text.encode("utf-8"))
-        await self._send_bytes(data)
+        payload = text.encode("utf-8")
+        # The hot path of every message: one FIN text frame, framed here in about a microsecond
+        # where wsproto's general framing takes several.
+        frame = _client_frame(0x81, payload) if self._client else _server_frame(0x81, payload)
+        return self._write(frame)
+
+    async def flush(self) -> None:
+        """Until everything sent so far is in the kernel's buffer; raises EdgeDisconnected."""
+        try:
+            await self.transport.flush()
+        except _BROKEN as exc:
+            self._fail(f"connection lost: {_describe(exc)}")
+            raise EdgeDisconnected(self._closed) from None
+
+    async def send(self, text: str) -> None:
+        """Send `text` as one text frame; raises EdgeDisconnected."""
+        if not self.send_nowait(text):
+            await self.flush()
 
     async def send_bytes_message(self, data: bytes) -> None:
         """Send one binary message (the hub never does; tests and the simulator may)."""
         if self._closed:
             raise EdgeDisconnected(self._closed)
-        if self._ws.state is not ConnectionState.OPEN:
+        if not self._is_open():
             raise EdgeDisconnected("the connection is closing")
-        await self._send_bytes(self._ws.send(BytesMessage(data=data)))
+        frame = _client_frame(0x82, data) if self._client else _server_frame(0x82, data)
+        await self._send_bytes(frame)
 
     async def send_raw(self, data: bytes) -> None:
         """Write bytes that are already framed, e.g. a message split into fragments by hand."""
         await self._send_bytes(data)
 
-    async def _send_bytes(self, data: bytes | bytearray) -> None:
-        lock = self._send_lock
-        # The uncontended case skips the lock's extra scheduling checkpoint.
+    def _write(self, data: bytes | bytearray) -> bool:
         try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            await self.stream.send_all(data)
+            return self.transport.send_nowait(data)
         except _BROKEN as exc:
             self._fail(self._lost(exc))
             raise EdgeDisconnected(self._closed) from None
-        except BaseException:
-            # Cancelled half-way: an unknown part of the frame went out, the stream is unusable.
-            self._fail("a send was interrupted")
-            raise
-        finally:
-            lock.release()
+
+    async def _send_bytes(self, data: bytes | bytearray) -> None:
+        if not self._write(data):
+            await self.flush()
+
+    # --- closing ------------------------------------------------------------------------
 
     async def aclose(self, reason: str = "") -> None:
-        """Send a close frame (bounded, not awaiting the answer) and close the stream."""
-        if not self._closed and self._ws.state is ConnectionState.OPEN:
+        """Send a close frame (bounded, not awaiting the answer) and close the transport."""
+        if not self._closed and self._is_open():
             await self._send_close(1000, reason or None)
-            if not self._ws.client:
+            if not self._client:
                 await self._await_peer_close()
         self._fail(reason or "closed by us")
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
-            await self.stream.aclose()
+            await self.transport.aclose()
         if scope.cancelled_caught:
-            await trio.aclose_forcefully(self.stream)
+            self.transport.abort()
 
     async def _await_peer_close(self) -> None:
         """Read and drop frames until the peer answers our close frame (bounded).
@@ -420,88 +512,38 @@ class WebSocketConnection:
     async def abort(self) -> None:
         """Close the TCP connection under TLS at once: no close frame, no close_notify."""
         self._fail("aborted by us")
-        stream = self.stream
-        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-        await trio.aclose_forcefully(transport)
-        await trio.aclose_forcefully(stream)
+        self.transport.abort()
+        await trio.lowlevel.checkpoint()
 
 
-class _TlsReader:
-    """`SSLStream.receive_some` for the common case, for less than half its overhead.
+def _server_frame(opcode_byte: int, payload: bytes) -> bytes:
+    """RFC 6455 5.2: FIN + opcode, no mask, 7/16/64-bit length, then the payload."""
+    size = len(payload)
+    if size < 126:
+        head = _HEAD_SHORT.pack(opcode_byte, size)
+    elif size < 0x10000:
+        head = _HEAD_MEDIUM.pack(opcode_byte, 126, size)
+    else:
+        head = _HEAD_LONG.pack(opcode_byte, 127, size)
+    return head + payload
 
-    An idle edge costs one read per keepalive, and SSLStream's general machinery (conflict
-    detectors, handshake check, the retry loop with its locks, made for renegotiation and
-    concurrent readers) costs about 35 µs per read on top of the socket's; this costs about 15
-    (decrypting a keepalive's record itself takes about 1 µs). On a TLS 1.3 connection after the
-    handshake, with one reading task (ours), a read is just: decrypt what the SSLObject holds,
-    else receive from the socket into its incoming BIO and decrypt again. Whenever the TLS
-    layer has something to send first (a KeyUpdate answer, a pending alert), the read goes
-    through `SSLStream.receive_some`, which sends it in order under the stream's send lock. TLS
-    1.2 (renegotiation) or another trio whose SSLStream lacks these attributes: not used.
-    """
 
-    __slots__ = ("_incoming", "_outgoing", "_read", "_stream", "_transport")
-
-    def __init__(self, stream: trio.SSLStream[trio.abc.Stream]) -> None:
-        self._stream = stream
-        self._transport = stream.transport_stream
-        self._read = stream._ssl_object.read
-        self._incoming = stream._incoming
-        self._outgoing = stream._outgoing
-
-    @classmethod
-    def of(cls, stream: trio.abc.Stream) -> _TlsReader | None:
-        if not isinstance(stream, trio.SSLStream):
-            return None
-        try:
-            if stream._ssl_object.version() != "TLSv1.3" or stream._delayed_outgoing:
-                return None
-            return cls(stream)
-        except AttributeError:  # pragma: no cover - a trio that changed SSLStream's insides
-            return None
-
-    async def __call__(self) -> bytes | bytearray:
-        # A checkpoint as every receive_some has: cancellable before we take anything,
-        # shielded once we hold bytes, so a cancelled read loses none.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        read = self._read
-        try:
-            data = read(RECEIVE_BYTES)
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLError as exc:
-            raise trio.BrokenResourceError from exc
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return data
-        while True:
-            if self._outgoing.pending:
-                return await self._stream.receive_some(RECEIVE_BYTES)
-            raw = await self._transport.receive_some(RECEIVE_BYTES)
-            if raw:
-                self._incoming.write(raw)
-            else:
-                self._incoming.write_eof()
-            try:
-                return read(RECEIVE_BYTES)
-            except ssl.SSLWantReadError:
-                if not raw:
-                    raise trio.BrokenResourceError("EOF inside a TLS record") from None
-                # A partial record, or a TLS message without application data.
-            except ssl.SSLError as exc:
-                raise trio.BrokenResourceError from exc
+def _client_frame(opcode_byte: int, payload: bytes) -> bytes:
+    """As `_server_frame`, masked with a fresh random key as a client must (RFC 6455 5.3)."""
+    size = len(payload)
+    if size < 126:
+        head = _HEAD_SHORT.pack(opcode_byte, 0x80 | size)
+    elif size < 0x10000:
+        head = _HEAD_MEDIUM.pack(opcode_byte, 0x80 | 126, size)
+    else:
+        head = _HEAD_LONG.pack(opcode_byte, 0x80 | 127, size)
+    key = os.urandom(4)
+    return head + key + _xor_mask(payload, key)
 
 
 def _server_text_frame(payload: bytes) -> bytes:
-    """RFC 6455 5.2: FIN + text opcode, no mask, 7/16/64-bit length, then the payload."""
-    size = len(payload)
-    if size < 126:
-        head = _TEXT_HEAD_SHORT.pack(0x81, size)
-    elif size < 0x10000:
-        head = _TEXT_HEAD_MEDIUM.pack(0x81, 126, size)
-    else:
-        head = _TEXT_HEAD_LONG.pack(0x81, 127, size)
-    return head + payload
+    """One unmasked FIN text frame (the hub's every message)."""
+    return _server_frame(0x81, payload)
 
 
 def _parse_frame(
@@ -553,15 +595,20 @@ def _parse_frame(
 
 def _unmask(data: bytes | bytearray, start: int, length: int) -> bytes | bytearray:
     """The payload of the frame whose masking key is at data[start:start + 4], unmasked."""
-    key = data[start : start + 4]
+    key = bytes(data[start : start + 4])
     start += 4
+    with memoryview(data) as view, view[start : start + length] as payload:
+        return _xor_mask(payload, key)
+
+
+def _xor_mask(payload: bytes | bytearray | memoryview, key: bytes) -> bytes | bytearray:
+    """`payload` XOR the repeated 4-byte `key` (masking and unmasking are the same)."""
+    length = len(payload)
     if length <= _UNMASK_BY_INT:
-        with memoryview(data) as view, view[start : start + length] as payload:
-            masked = int.from_bytes(payload, "little")
+        masked = int.from_bytes(payload, "little")
         keys = int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
         return (masked ^ keys).to_bytes(length, "little")
-    out = data[start : start + length]
-    out = out if isinstance(out, bytearray) else bytearray(out)
+    out = bytearray(payload)
     for index in range(4):
         out[index::4] = out[index::4].translate(_XOR_TABLES[key[index]])
     return out
@@ -607,7 +654,7 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
-def bound_stalls(tcp: trio.SocketStream, timeout: float) -> float:
+def bound_stalls(sock: socket.socket, timeout: float) -> float:
     """Have the kernel end the connection once sent data stays unacknowledged for `timeout`
     seconds (also a zero window: since Linux 5.11 the user timeout bounds zero-window probing);
     returns `timeout`, or 0 where TCP_USER_TIMEOUT does not exist or cannot be set."""
@@ -615,7 +662,7 @@ def bound_stalls(tcp: trio.SocketStream, timeout: float) -> float:
     if timeout <= 0 or option is None:
         return 0.0
     try:
-        tcp.setsockopt(socket.IPPROTO_TCP, option, max(1, round(timeout * 1000)))
+        sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(timeout * 1000)))
     except OSError:
         return 0.0
     return timeout
@@ -651,8 +698,10 @@ async def serve_websocket(
     It must be quick and must not raise (e.g. `pki.identity.connection_identity_problem`).
     `on_handshake_failure(reason)` hears of every connection that never reached `handler`.
     `write_timeout` > 0: the progress deadline of every connection (`bound_stalls`).
+    `ssl_context` gets `edge.tls.server_context_options` (no tickets, no renegotiation).
     `task_status.started(port)` reports the bound port (useful with port 0).
     """
+    server_context_options(ssl_context)
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound_port: int = listeners[0].socket.getsockname()[1]
     serve_one = partial(
@@ -667,13 +716,36 @@ async def serve_websocket(
     )
     logger.info("WebSocket server listening on %s:%d", host or "*", bound_port)
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, serve_one, listeners)
+        for listener in listeners:
+            nursery.start_soon(_accept_forever, listener, nursery, serve_one)
         task_status.started(bound_port)
-    raise AssertionError("serve_listeners returned")  # pragma: no cover
+    raise AssertionError("the accept loops returned")  # pragma: no cover
+
+
+async def _accept_forever(
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    serve_one: Callable[[socket.socket], Awaitable[None]],
+) -> NoReturn:
+    """trio.serve_listeners, except that each connection's task gets the plain socket: no
+    trio stream is kept alive beside it for the connection's life."""
+    async with listener:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                logger.error(
+                    "accept failed: %s; retrying in %s s", os.strerror(exc.errno), ACCEPT_RETRY
+                )
+                await trio.sleep(ACCEPT_RETRY)
+                continue
+            nursery.start_soon(serve_one, detach_socket(stream))
 
 
 async def _serve_connection(
-    tcp: trio.SocketStream,
+    sock: socket.socket,
     *,
     handler: ConnectionHandler,
     ssl_context: ssl.SSLContext,
@@ -683,23 +755,26 @@ async def _serve_connection(
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
 ) -> None:
-    remote = _peer_of(tcp)
-    stall_timeout = bound_stalls(tcp, write_timeout)
+    remote = _peer_of(sock)
+    stall_timeout = bound_stalls(sock, write_timeout)
+    transport = TlsTransport(sock, ssl_context, server_side=True)
     connection: WebSocketConnection | None = None
-    with trio.move_on_after(handshake_timeout) as scope:
+    with trio.move_on_after(handshake_timeout) as handshake:
         try:
             connection = await _accept(
-                tcp, ssl_context, remote, max_message_size, authenticate, on_failure, stall_timeout
+                transport, remote, max_message_size, authenticate, on_failure, stall_timeout
             )
         except Exception:
             # A bug on one connection must not end the listener (and the hub with it).
             logger.exception("handshake with %s failed", remote)
             on_failure("error")
-    if scope.cancelled_caught:
+    timed_out = handshake.cancelled_caught
+    del handshake, sock  # nothing of the handshake stays with an idle connection
+    if timed_out:
         logger.debug("handshake with %s timed out after %s s", remote, handshake_timeout)
         on_failure("timeout")
     if connection is None:
-        await trio.aclose_forcefully(tcp)
+        transport.abort()
         return
     logger.debug("node %r connected from %s", connection.node_id, remote)
     try:
@@ -714,8 +789,7 @@ async def _serve_connection(
 
 
 async def _accept(
-    tcp: trio.SocketStream,
-    ssl_context: ssl.SSLContext,
+    transport: TlsTransport,
     remote: str,
     max_message_size: int,
     authenticate: Authenticate | None = None,
@@ -723,35 +797,35 @@ async def _accept(
     stall_timeout: float = 0.0,
 ) -> WebSocketConnection | None:
     """TLS handshake, then the HTTP upgrade; None (after answering) when refused."""
-    stream = trio.SSLStream(tcp, ssl_context, server_side=True)
     try:
-        await stream.do_handshake()
+        await transport.do_handshake()
     except _BROKEN as exc:
         # No client certificate, one from another CA, a port scan: not worth more than debug.
         logger.debug("TLS handshake with %s failed: %s", remote, _describe(exc))
         on_failure("tls")
         return None
     try:
-        request, trailing = await _read_request(stream)
+        request, trailing = await _read_request(transport)
         node_id, project_id, accept_key = _check_request(request, remote)
         if authenticate is not None:
-            _authenticate(authenticate, stream, node_id, remote)
+            _authenticate(authenticate, transport, node_id, remote)
     except HandshakeRejected as exc:
         on_failure("refused:identity" if isinstance(exc, _IdentityRefused) else "bad-request")
-        await _send_rejection(stream, exc.status)
+        await _send_rejection(transport, exc.status)
         return None
     except _BROKEN as exc:
         logger.debug("connection from %s lost during the upgrade: %s", remote, _describe(exc))
         on_failure("lost")
         return None
     try:
-        await stream.send_all(_SWITCHING % accept_key)
+        if not transport.send_nowait(_SWITCHING % accept_key):
+            await transport.flush()
     except _BROKEN:
         on_failure("lost")
         return None
     return WebSocketConnection(
-        stream,
-        Connection(ConnectionType.SERVER),
+        transport,
+        client=False,
         node_id=node_id,
         project_id=project_id,
         remote=remote,
@@ -761,7 +835,7 @@ async def _accept(
     )
 
 
-async def _read_request(stream: trio.SSLStream[trio.SocketStream]) -> tuple[h11.Request, bytes]:
+async def _read_request(transport: TlsTransport) -> tuple[h11.Request, bytes]:
     parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
     while True:
         try:
@@ -772,10 +846,10 @@ async def _read_request(stream: trio.SSLStream[trio.SocketStream]) -> tuple[h11.
         if isinstance(event, h11.Request):
             break
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_BYTES)
+            data = await transport.receive_some()
             if not data:
                 raise trio.BrokenResourceError("EOF before the upgrade request")
-            parser.receive_data(data)  # type: ignore[arg-type]
+            parser.receive_data(data)
             continue
         raise trio.BrokenResourceError("no upgrade request")  # ConnectionClosed
     # Bytes the client sent after the request head (frames pipelined behind it) stay ours.
@@ -814,11 +888,10 @@ def _check_request(request: h11.Request, remote: str) -> tuple[str, str, bytes]:
 
 
 def _authenticate(
-    authenticate: Authenticate, stream: trio.SSLStream[trio.SocketStream], node_id: str, remote: str
+    authenticate: Authenticate, transport: TlsTransport, node_id: str, remote: str
 ) -> None:
     """Raise HandshakeRejected(403) when `authenticate` refuses this node's certificate."""
-    peer_cert: bytes | None = stream.getpeercert(binary_form=True)
-    reason = authenticate(node_id, peer_cert)
+    reason = authenticate(node_id, transport.getpeercert())
     if reason is not None:
         logger.warning("refused node %s from %s: %s", node_id, remote, reason)
         raise _IdentityRefused(403, reason)
@@ -862,7 +935,7 @@ def _accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
 
 
-async def _send_rejection(stream: trio.SSLStream[trio.SocketStream], status: int) -> None:
+async def _send_rejection(transport: TlsTransport, status: int) -> None:
     """Gorilla's answer: the status text as a plain-text body, then we close."""
     body = f"{_REASONS.get(status, 'Error')}\n".encode()
     head = (
@@ -875,15 +948,16 @@ async def _send_rejection(stream: trio.SSLStream[trio.SocketStream], status: int
     ).encode()
     with trio.move_on_after(CLOSE_TIMEOUT):
         try:
-            await stream.send_all(head + body)
-            await stream.aclose()
+            transport.send_nowait(head + body)
+            await transport.aclose()
         except _BROKEN:
             pass
+    transport.abort()
 
 
-def _peer_of(tcp: trio.SocketStream) -> str:
+def _peer_of(sock: socket.socket) -> str:
     try:
-        address = tcp.socket.getpeername()
+        address = sock.getpeername()
     except OSError:
         return "?"
     host, port = address[0], address[1]
@@ -911,19 +985,21 @@ async def connect_websocket(
     around the call for a handshake timeout.
     """
     tcp = await trio.open_tcp_stream(host, port)
-    stream = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+    sock = detach_socket(tcp)
+    transport = TlsTransport(sock, ssl_context, server_side=False, server_hostname=host)
     try:
-        trailing = await _client_upgrade(stream, host, port, path, headers)
+        await transport.do_handshake()
+        trailing = await _client_upgrade(transport, host, port, path, headers)
     except _BROKEN as exc:
-        await trio.aclose_forcefully(stream)
+        transport.abort()
         # Typically the hub refusing our certificate, which TLS 1.3 reports only now.
         raise HandshakeRejected(0, f"TLS or connection failure: {_describe(exc)}") from None
     except BaseException:
-        await trio.aclose_forcefully(stream)
+        transport.abort()
         raise
     return WebSocketConnection(
-        stream,
-        Connection(ConnectionType.CLIENT),
+        transport,
+        client=True,
         node_id=node_id,
         project_id=project_id,
         remote=f"{host}:{port}",
@@ -933,7 +1009,7 @@ async def connect_websocket(
 
 
 async def _client_upgrade(
-    stream: trio.SSLStream[trio.SocketStream],
+    transport: TlsTransport,
     host: str,
     port: int,
     path: str,
@@ -954,15 +1030,16 @@ async def _client_upgrade(
             *headers,
         ],
     )
-    await stream.send_all(client.send(request) or b"")
+    if not transport.send_nowait(client.send(request) or b""):
+        await transport.flush()
     client.send(h11.EndOfMessage())
     while True:
         event = client.next_event()
         if event is h11.NEED_DATA:
-            data = await stream.receive_some(RECEIVE_BYTES)
+            data = await transport.receive_some()
             if not data:
                 raise HandshakeRejected(0, "connection closed during the upgrade")
-            client.receive_data(data)  # type: ignore[arg-type]
+            client.receive_data(data)
         elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
             _check_switching(event, key)
             return bytes(client.trailing_data[0])

@@ -19,6 +19,7 @@ import trio
 
 from trio_cloudhub.config import Config
 from trio_cloudhub.core.admission import admission_problem
+from trio_cloudhub.core.codec import FrameEncoder
 from trio_cloudhub.core.limits import EveryPeriod
 from trio_cloudhub.core.message import (
     VOLUME_OPERATIONS,
@@ -32,6 +33,7 @@ from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
 from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
+from trio_cloudhub.hub.timers import Timers
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.metrics import Metrics
 from trio_cloudhub.pki.identity import certificate_node, connection_identity_problem
@@ -120,6 +122,9 @@ class Hub:
         self.stats: Counter[str] = Counter()  # events worth counting, e.g. refused:node-limit
         self._open_connections = 0
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
+        self._session_added = trio.Event()
+        self.timers = Timers()  # keepalive checks, ACK timeouts, back-off: run_timers()
+        self.frames = FrameEncoder()  # a change's content encoded once for all its nodes
         self.upstream = UpstreamDispatcher(self._handle_upstream)
         self._volume_waiters: dict[str, _VolumeWaiter] = {}  # request msg_id -> waiter
         self._warnings = EveryPeriod(settings.warning_period)
@@ -180,12 +185,20 @@ class Hub:
             log.info("node %s: reconciliation queued %d missed change(s)", node_id, queued)
         return queued
 
+    async def run_timers(self) -> None:
+        """The sessions' deadlines (see `hub.timers`); runs beside the sessions."""
+        await self.timers.run()
+
     async def reconcile_forever(self) -> None:
-        """Every `reconcile_interval` seconds, reconcile each connected node."""
+        """Every `reconcile_interval` seconds, reconcile each connected node (asleep while
+        no node is connected)."""
         interval = self.settings.reconcile_interval
         if interval <= 0:
             return
         while True:
+            if not self.sessions:
+                self._session_added = trio.Event()
+                await self._session_added.wait()
             await trio.sleep(interval)
             for count, node_id in enumerate(list(self.sessions), start=1):
                 self.reconcile_node(node_id)
@@ -320,17 +333,17 @@ class Hub:
             previous.end("replaced by a new connection")
             self.store.record_connection(node_id, _ended(previous))
         self.sessions[node_id] = session
+        self._session_added.set()
         self.store.record_connection(
             node_id,
             SessionEvent(session.connected_ms, True, transport, conn.remote, conn.project_id),
         )
-        fields = {"node": node_id, "transport": transport, "remote": conn.remote}
         log.info(
             "node %s connected from %s (project %s)",
             node_id,
             conn.remote,
             conn.project_id,
-            extra=fields,
+            extra={"node": node_id, "transport": transport, "remote": conn.remote},
         )
         self.reconcile_node(node_id)
         try:
@@ -346,6 +359,7 @@ class Hub:
                 if not self.settings.queue_while_away:
                     self.nodes.pop(node_id, None)
             reason = session.end_reason or "closed"
+            fields = {"node": node_id, "transport": transport, "remote": conn.remote}
             log.info(
                 "node %s disconnected: %s", node_id, reason, extra={**fields, "reason": reason}
             )
@@ -369,7 +383,7 @@ class Hub:
         self.draining = True
         with trio.move_on_after(self.settings.drain_timeout):
             for session in list(self.sessions.values()):
-                await session.settled.wait()
+                await session.wait_settled()
         for session in list(self.sessions.values()):
             session.end("hub shutting down")
         with trio.move_on_after(CLOSE_GRACE):

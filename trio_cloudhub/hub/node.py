@@ -2,13 +2,14 @@
 
 The queue is created on the first message for the node and lives until the node is removed
 from the desired state, so changes made while the node is away wait in it (one slot per
-object) and are delivered on connect.
+object) and are delivered on connect. The session attached to the entry hears of new work
+at once (`notify_*`) and sends it from the caller's task; no task waits for work.
 """
 
 from __future__ import annotations
 
-import math
 import time
+from typing import Protocol
 
 import trio
 
@@ -16,41 +17,33 @@ from trio_cloudhub.core.message import Message
 from trio_cloudhub.core.node_queue import NodeQueue
 
 
+class WorkListener(Protocol):
+    """What a session offers its entry: synchronous, quick, never raising."""
+
+    def kick(self) -> None:
+        """ACK-mode work may be ready: start the next delivery if none is in flight."""
+
+    def send_no_ack(self) -> None:
+        """No-ACK messages are waiting: send them."""
+
+
 class NodeEntry:
+    __slots__ = ("complete_at", "listener", "node_id", "queue")
+
     def __init__(self, node_id: str, no_ack_capacity: int = 1024) -> None:
         self.node_id = node_id
         self.queue = NodeQueue(no_ack_capacity=no_ack_capacity)
-        self._ack_work = trio.Event()
-        self._no_ack_work = trio.Event()
+        self.listener: WorkListener | None = None  # the running session, if any
         # The store's change stamp when reconciliation last found nothing missing.
         self.complete_at: tuple[int, ...] | None = None
 
     def notify_ack_work(self) -> None:
-        self._ack_work.set()
+        if self.listener is not None:
+            self.listener.kick()
 
     def notify_no_ack_work(self) -> None:
-        self._no_ack_work.set()
-
-    async def next_ack_message(self) -> Message:
-        """The next ACK-mode message; it is marked in flight until acked/failed/released."""
-        while True:
-            message = self.queue.pop_ready(trio.current_time())
-            if message is not None:
-                return message
-            if self._ack_work.is_set():
-                self._ack_work = trio.Event()
-            retry_at = self.queue.next_retry_at()
-            with trio.move_on_at(math.inf if retry_at is None else retry_at):
-                await self._ack_work.wait()
-
-    async def next_no_ack_message(self) -> Message:
-        while True:
-            message = self.queue.pop_no_ack()
-            if message is not None:
-                return message
-            if self._no_ack_work.is_set():
-                self._no_ack_work = trio.Event()
-            await self._no_ack_work.wait()
+        if self.listener is not None:
+            self.listener.send_no_ack()
 
 
 def wall_ms() -> int:
@@ -69,17 +62,24 @@ class NodeSessionHandle:
         self.last_ack_ms = 0
         self.cancel_scope = trio.CancelScope()
         self.in_flight: Message | None = None
-        self.settled = trio.Event()  # set whenever nothing is in flight
-        self.settled.set()
+        self._settled: trio.Event | None = None  # made only while someone waits
         self.end_reason = ""
 
     def start_flight(self, message: Message) -> None:
         self.in_flight = message
-        self.settled = trio.Event()
 
     def end_flight(self) -> None:
         self.in_flight = None
-        self.settled.set()
+        if self._settled is not None:
+            self._settled.set()
+            self._settled = None
+
+    async def wait_settled(self) -> None:
+        """Until nothing is in flight."""
+        while self.in_flight is not None:
+            if self._settled is None:
+                self._settled = trio.Event()
+            await self._settled.wait()
 
     def end(self, reason: str) -> None:
         """Stop the session now and hand its in-flight message back to the queue.

@@ -122,6 +122,7 @@ async def _serve(
         ready = False
         async with trio.open_nursery() as root:
             root.start_soon(hub.dispatch_upstream)
+            root.start_soon(hub.run_timers)
             await root.start(cloud.run_token_refresher)
             # HTTPS first: /livez answers and /readyz says "not ready" during the cache sync.
             https_port = await root.start(

@@ -1,32 +1,41 @@
-"""One connected edge: reader, ACK sender and no-ACK sender inside a keepalive cancel scope.
+"""One connected edge: one task reads; a message is sent by whatever made it sendable.
 
 Rules (spec 6.2, design 3):
-- no keepalive for `keepaliveInterval` seconds ends the session (the scope's deadline moves
-  on each keepalive; other messages do not move it);
+- the session's task reads the connection and handles what arrives; sending is synchronous
+  (`EdgeConnection.send_nowait`) and happens in the task that made a message sendable: the
+  store routing a change, the reader handling the ACK of the message before it, the hub's
+  timers (retransmission, back-off). No task waits for work, so an idle edge costs one task;
+- no keepalive for `keepaliveInterval` seconds ends the session (a timer compares the time
+  of the last keepalive; other messages do not count);
 - ACK-mode messages go one at a time (stop-and-wait), the same frame re-sent every
   `ackTimeout` seconds up to `ackMaxSends` times, then handed back to the queue with back-off;
-  the `ackTimeout` counts from when the edge's TCP has the whole copy (on a slow link, a
+- the `ackTimeout` counts from when the edge's TCP has the whole copy (on a slow link, a
   frame still in transit at its deadline is not sent again behind itself);
-- a frame that is not a message, `writeTimeout` seconds without write progress, or any
+- bytes the connection could not send at once are flushed by a helper task started for that.
+  `writeTimeout` seconds without write progress, a frame that is not a message, or any
   transport error ends the session; the node's queue stays for its next session. Progress is
   the edge acknowledging bytes: a transport that can tell (WebSocket on Linux: the kernel's
   TCP_USER_TIMEOUT, `conn.stall_timeout`) ends the connection itself, so a slow link that
-  still moves bytes keeps its session however long a write takes; on other transports each
-  write is bounded by `writeTimeout`.
+  still moves bytes keeps its session however long a flush takes; on other transports a
+  flush is bounded by `writeTimeout`;
+- upstream is bounded per session by token buckets (messages and bytes): over them, the
+  reader waits and TCP holds what the edge sends; nothing is dropped.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from trio_cloudhub.core import codec
-from trio_cloudhub.core.delivery import Acked, Delivery, Send, WaitUntil
+from trio_cloudhub.core.delivery import Delivery, GiveUp, Send, WaitUntil
+from trio_cloudhub.core.fast_upstream import fast_upstream
 from trio_cloudhub.core.limits import TokenBucket
-from trio_cloudhub.core.message import Message, object_uid, trim_for_edge
+from trio_cloudhub.core.message import OP_KEEPALIVE, OP_RESPONSE, Message, object_uid
 from trio_cloudhub.core.rules import Upstream, as_sent_to, classify_upstream, control_reply
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle, wall_ms
@@ -39,7 +48,7 @@ IN_FLIGHT_POLL = 0.25  # how often a copy still in transit at its ACK deadline i
 
 
 class SessionEnded(Exception):
-    """Ends the session on purpose (bad frame, slow writer); the reason is logged."""
+    """Ends the session on purpose (bad frame); the reason is logged."""
 
 
 class NodeSession(NodeSessionHandle):
@@ -51,12 +60,18 @@ class NodeSession(NodeSessionHandle):
         self.conn = conn
         self.node_id = entry.node_id
         self.transport = transport
+        self._settings = hub.settings
         self._tracing = log.isEnabledFor(logging.DEBUG)  # -v=4: every message, by route
         self._delivery: Delivery | None = None
-        # The bound on one write, when the transport does not bound stalls itself.
+        self._frame = ""  # the in-flight message as sent (a retransmission sends it again)
+        self._keepalive_deadline = math.inf
+        self._retry_at = math.inf  # a back-off timer is set for this time
+        self._nursery: trio.Nursery | None = None  # open while the session reads
+        self._flushing = False
+        self._in_transit_since = math.inf  # the in-flight copy was still on its way then
+        # The bound on a flush, when the transport does not bound stalls itself.
         timeout = hub.settings.write_timeout
         self._write_timeout = timeout if timeout > 0 and not conn.stall_timeout else math.inf
-        self._acked = trio.Event()
         # Metric hooks, bound once: the hot path pays a call and an increment.
         metrics = hub.metrics
         self._count_sent = metrics.count_sent
@@ -65,37 +80,106 @@ class NodeSession(NodeSessionHandle):
         self._observe_ack_latency = metrics.observe_ack_latency
 
     async def run(self) -> None:
-        settings = self.hub.settings
-        with self.cancel_scope:
-            self.cancel_scope.deadline = trio.current_time() + settings.keepalive_interval
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._read_loop)
-                    nursery.start_soon(self._ack_send_loop)
-                    nursery.start_soon(self._no_ack_send_loop)
-            except* (EdgeDisconnected, SessionEnded) as group:
-                if not self.end_reason:
-                    self.end_reason = str(group.exceptions[0]) or "edge disconnected"
-        if self.cancel_scope.cancelled_caught and not self.end_reason:
-            self.end_reason = "keepalive timeout"
+        timers = self.hub.timers
+        self._keepalive_deadline = trio.current_time() + self._settings.keepalive_interval
+        if self.end_reason:
+            return  # ended before it ran
+        try:
+            # The nursery's scope is the session's (`end()` cancels it): one scope, not two.
+            async with trio.open_nursery() as nursery:
+                self.cancel_scope = nursery.cancel_scope
+                self._nursery = nursery
+                try:
+                    self.entry.listener = self
+                    timers.at(self._keepalive_deadline, self._check_keepalive)
+                    self.kick()
+                    self.send_no_ack()
+                    await self._read_loop()
+                finally:
+                    self._nursery = None
+                    if self.entry.listener is self:
+                        self.entry.listener = None
+                    nursery.cancel_scope.cancel()  # a flush still waiting is moot now
+        except* (EdgeDisconnected, SessionEnded) as group:
+            if not self.end_reason:
+                self.end_reason = str(group.exceptions[0]) or "edge disconnected"
+        self._delivery = None
+        self._frame = ""
         self.release_in_flight()
         self.entry.queue.drop_no_ack()
+
+    @property
+    def _open(self) -> bool:
+        return self._nursery is not None and not self.end_reason
+
+    def _write(self, frame: str) -> bool:
+        """Hand one frame to the connection; a helper flushes what the socket did not take.
+        False when the session is over (never raises: any task may be the caller)."""
+        if not self._open:
+            return False
+        try:
+            if not self.conn.send_nowait(frame) and not self._flushing:
+                self._flushing = True
+                assert self._nursery is not None
+                self._nursery.start_soon(self._flush)
+        except EdgeDisconnected as exc:
+            self.end(str(exc) or "edge disconnected")
+            return False
+        return True
+
+    async def _flush(self) -> None:
+        timeout = self._write_timeout
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await self.conn.flush()
+            except EdgeDisconnected as exc:
+                self.end(str(exc) or "edge disconnected")
+                return
+        if scope.cancelled_caught:
+            self.end(f"write did not finish within {timeout:g} s")
+            return
+        self._flushing = False
+        self.send_no_ack()  # what waited behind the full socket
+
+    def _check_keepalive(self, now: float) -> None:
+        if not self._open:
+            return
+        if now >= self._keepalive_deadline:
+            self.end("keepalive timeout")
+        else:
+            self.hub.timers.at(self._keepalive_deadline, self._check_keepalive)
 
     # --- upstream ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        settings = self.hub.settings
-        max_size = settings.max_message_size
-        buckets = _upstream_buckets(settings, trio.current_time())
+        receive = self.conn.receive
+        max_size = self._settings.max_message_size
+        fast = not self._tracing
+        buckets = _upstream_buckets(self._settings, trio.current_time())
         while True:
-            frame = await self.conn.receive()
+            frame = await receive()
             if buckets:
                 await self._throttle(buckets, len(frame))
+            if fast and isinstance(frame, str) and len(frame) <= max_size:
+                # EdgeCore's keepalives and ACKs, without a JSON decode (core.fast_upstream).
+                found = fast_upstream(frame)
+                if found is not None:
+                    kind, parent_msg_id = found
+                    if kind is Upstream.KEEPALIVE:
+                        self._count_received(OP_KEEPALIVE)
+                        self._on_keepalive()
+                    else:
+                        self._count_received(OP_RESPONSE)
+                        self._on_ack(parent_msg_id)
+                    del frame, found, parent_msg_id
+                    continue
             try:
                 message = codec.decode(frame, max_size)
             except codec.CodecError as exc:
                 raise SessionEnded(f"undecodable frame: {exc}") from None
+            del frame  # an idle session holds no message while it waits for the next
             await self._handle(message)
+            del message
 
     async def _throttle(self, buckets: list[tuple[str, TokenBucket, bool]], size: int) -> None:
         """Wait while the edge is over its upstream limits (TCP holds what it sends)."""
@@ -115,18 +199,21 @@ class NodeSession(NodeSessionHandle):
             self._trace("received", message)
         kind = classify_upstream(message)
         if kind is Upstream.KEEPALIVE:
-            self.cancel_scope.deadline = trio.current_time() + self.hub.settings.keepalive_interval
-            self.last_keepalive_ms = wall_ms()
+            self._on_keepalive()
         elif kind is Upstream.ACK:
-            self._on_ack(message)
+            self._on_ack(message.header.parent_msg_id)
         elif kind is Upstream.CONTROL:
             reply = control_reply(message, self.hub.now_ms())
-            await self._send(codec.encode(reply))
-            self._count_sent(reply.operation)
+            if self._write(codec.encode(reply)):
+                self._count_sent(reply.operation)
         elif kind is Upstream.EMPTY:
             pass
         elif self.hub.admit(self.node_id, message):
             await self.hub.submit_upstream(self.node_id, kind, message)
+
+    def _on_keepalive(self) -> None:
+        self._keepalive_deadline = trio.current_time() + self._settings.keepalive_interval
+        self.last_keepalive_ms = wall_ms()
 
     def _trace(self, what: str, message: Message) -> None:
         """One DEBUG line per message: route and ids, never the content (secrets)."""
@@ -144,105 +231,106 @@ class NodeSession(NodeSessionHandle):
             },
         )
 
-    def _on_ack(self, message: Message) -> None:
+    def _on_ack(self, parent_msg_id: str) -> None:
         delivery = self._delivery
-        if delivery is not None and delivery.on_ack(message.header.parent_msg_id):
-            self.last_ack_ms = wall_ms()
-            self._observe_ack_latency(trio.current_time() - delivery.started_at)
-            self._acked.set()
+        if delivery is None or not delivery.on_ack(parent_msg_id):
+            return
+        self._observe_ack_latency(trio.current_time() - delivery.started_at)
+        self.last_ack_ms = wall_ms()
+        message = delivery.message
+        self._delivery = None
+        self._frame = ""
+        self.end_flight()
+        self.entry.queue.acked(message)
+        self.hub.store.record_ack(self.node_id, message)
+        self.kick()
 
     # --- downstream -------------------------------------------------------------------
 
-    async def _ack_send_loop(self) -> None:
-        while True:
-            message = await self.entry.next_ack_message()
-            if self.hub.draining:
-                # Drain lets in-flight sends finish but starts no new one.
-                self.entry.queue.release(message)
-                break
-            store = self.hub.store
-            acked = store.acked_version(self.node_id, object_uid(message.content))
-            message = as_sent_to(message, acked)  # an insert of what the node may hold: update
-            self.start_flight(message)
-            store.record_sent(self.node_id, message)
-            if await self._deliver(message):
-                self.end_flight()
-                self.entry.queue.acked(message)
-                store.record_ack(self.node_id, message)
-            else:
-                self.end_flight()
-                self.entry.queue.failed(message, trio.current_time())
-                self.hub.note_limited(
-                    self.node_id, "no-ack", f"no ACK for {message.resource} after retries"
-                )
-        await trio.sleep_forever()
-
-    async def _deliver(self, message: Message) -> bool:
-        settings = self.hub.settings
-        frame = codec.encode(message.with_resource(trim_for_edge(message.resource)))
+    def kick(self) -> None:
+        """Start the next ACK-mode delivery if none is in flight (stop-and-wait)."""
+        if self._delivery is not None or not self._open or self.hub.draining:
+            return  # drain lets in-flight sends finish but starts no new one
+        queue = self.entry.queue
+        now = trio.current_time()
+        message = queue.pop_ready(now)
+        if message is None:
+            retry_at = queue.next_retry_at()
+            if retry_at is not None and retry_at < self._retry_at:
+                self._retry_at = retry_at
+                self.hub.timers.at(retry_at, self._on_retry_time)
+            return
+        store = self.hub.store
+        acked = store.acked_version(self.node_id, object_uid(message.content))
+        message = as_sent_to(message, acked)  # an insert of what the node may hold: update
+        self.start_flight(message)
+        store.record_sent(self.node_id, message)
+        settings = self._settings
         delivery = Delivery(
-            message,
-            trio.current_time(),
-            interval=settings.ack_timeout,
-            max_sends=settings.ack_max_sends,
+            message, now, interval=settings.ack_timeout, max_sends=settings.ack_max_sends
         )
         self._delivery = delivery
-        self._acked = trio.Event()
-        try:
-            while True:
-                action = delivery.poll(trio.current_time())
-                if isinstance(action, Send):
-                    if self._tracing:
-                        self._trace(f"sending (attempt {action.attempt})", message)
-                    await self._send(frame)
-                    delivery.count_from(trio.current_time())  # a slow write: from its end
-                    if action.attempt == 1:
-                        self._count_sent(message.operation)
-                    else:
-                        self._count_retransmission()
-                elif isinstance(action, WaitUntil):
-                    with trio.move_on_at(action.deadline):
-                        await self._acked.wait()
-                    if self._acked.is_set():
-                        return True
-                    await self._until_reached_edge(delivery)
-                else:
-                    return isinstance(action, Acked)
-        finally:
-            self._delivery = None
+        self._in_transit_since = math.inf
+        self._frame = self.hub.frames.for_edge(message)
+        self._advance(delivery, now)
 
-    async def _until_reached_edge(self, delivery: Delivery) -> None:
-        """On a slow link the last copy may still be on its way at the ACK deadline: sending
-        it again would only queue a duplicate behind it. Wait (or for the ACK) until the edge's
-        TCP has acknowledged everything written, then give the edge `ackTimeout` from there."""
-        if not self.conn.bytes_in_flight():
+    def _on_retry_time(self, now: float) -> None:
+        self._retry_at = math.inf
+        self.kick()
+
+    def _on_delivery_time(self, delivery: Delivery, now: float) -> None:
+        if delivery is not self._delivery or not self._open:
             return
-        poll = min(delivery.interval / 4, IN_FLIGHT_POLL)
-        while self.conn.bytes_in_flight():
-            with trio.move_on_after(poll):
-                await self._acked.wait()
-            if self._acked.is_set():
-                return
-        delivery.count_from(trio.current_time())
+        if self._flushing or self.conn.bytes_in_flight():
+            # A slow link: the last copy is still on its way; sending it again would only
+            # queue a duplicate behind it. Look again soon; the edge gets `ackTimeout` from
+            # when its TCP has acknowledged everything written.
+            self._in_transit_since = min(self._in_transit_since, now)
+            poll = min(delivery.interval / 4, IN_FLIGHT_POLL)
+            self.hub.timers.at(now + poll, partial(self._on_delivery_time, delivery))
+            return
+        if self._in_transit_since < now:
+            self._in_transit_since = math.inf
+            delivery.count_from(now)
+        self._advance(delivery, now)
 
-    async def _no_ack_send_loop(self) -> None:
-        while True:
-            message = await self.entry.next_no_ack_message()
-            trimmed = message.with_resource(trim_for_edge(message.resource))
+    def _advance(self, delivery: Delivery, now: float) -> None:
+        """Do what the delivery asks for at `now`: send, wait (a timer), or give up."""
+        action = delivery.poll(now)
+        if isinstance(action, Send):
+            if self._tracing:
+                self._trace(f"sending (attempt {action.attempt})", delivery.message)
+            if not self._write(self._frame):
+                return
+            if action.attempt == 1:
+                self._count_sent(delivery.message.operation)
+            else:
+                self._count_retransmission()
+            action = delivery.poll(now)
+        if isinstance(action, WaitUntil):
+            self.hub.timers.at(action.deadline, partial(self._on_delivery_time, delivery))
+        elif isinstance(action, GiveUp):
+            message = delivery.message
+            self._delivery = None
+            self._frame = ""
+            self.end_flight()
+            self.entry.queue.failed(message, now)
+            self.hub.note_limited(
+                self.node_id, "no-ack", f"no ACK for {message.resource} after retries"
+            )
+            self.kick()
+
+    def send_no_ack(self) -> None:
+        """Send the queued no-ACK messages (while the socket takes them)."""
+        queue = self.entry.queue
+        while self._open and not self._flushing:
+            message = queue.pop_no_ack()
+            if message is None:
+                return
             if self._tracing:
                 self._trace("sending (no ACK)", message)
-            await self._send(codec.encode(trimmed))
-            self._count_sent(message.operation)
-
-    async def _send(self, frame: str) -> None:
-        timeout = self._write_timeout
-        if timeout == math.inf:
-            await self.conn.send(frame)
-            return
-        with trio.move_on_after(timeout) as scope:
-            await self.conn.send(frame)
-        if scope.cancelled_caught:
-            raise SessionEnded(f"write did not finish within {timeout:g} s")
+            if self._write(self.hub.frames.for_edge(message)):
+                self._count_sent(message.operation)
 
 
 def _upstream_buckets(settings: HubSettings, now: float) -> list[tuple[str, TokenBucket, bool]]:

@@ -18,9 +18,13 @@ How it works:
   whenever it may have changed and sends what changed (see `routing` for who gets what);
 - "may have changed": on Linux an inotify watch on the folder (`watch`) wakes the store at
   once; it waits `WATCH_DEBOUNCE` (20 ms, so an editor's write-then-rename is one sync) and
-  rescans. A slow fallback poll, every `max(WATCHED_POLL_MIN, poll_interval *
-  WATCHED_POLL_FACTOR)` seconds (5 s at the default 0.25 s), still catches what inotify
-  cannot see (another host writing on a network filesystem, symlink targets elsewhere).
+  rescans. Nothing else wakes it: a folder nobody changes costs nothing. Only where inotify
+  cannot see every change (`watch.blind_spot`, checked at every scan: a network file system,
+  a symlink in the folder's path, a manifest that is a symlink to a file elsewhere) a slow
+  fallback poll runs too, every `max(WATCHED_POLL_MIN, poll_interval * WATCHED_POLL_FACTOR)`
+  seconds (5 s at the default 0.25 s); the reason is logged once. A lost or coalesced event
+  (queue overflow) still wakes the store and a scan finds everything; the folder itself
+  removed or replaced ends the watch, and the store polls until it can watch it again.
   Without inotify (other systems, `watch=False`, no inotify instance left, the folder gone
   until it is back) the folder is polled every `poll_interval` seconds, as is a failed sync;
 - a rescan stats the folder (in a worker thread) and reads only the files whose stamp
@@ -107,7 +111,7 @@ from trio_cloudhub.store.routing import (
     plan,
     pod_node,
 )
-from trio_cloudhub.store.watch import FolderWatch, folder_watch
+from trio_cloudhub.store.watch import FolderWatch, blind_spot, filesystem_type, folder_watch
 
 __all__ = ["LocalStore", "Report", "StoreError", "open_local_store", "read_reports"]
 
@@ -186,6 +190,9 @@ class LocalStore:
         self._sending = False  # a sync is handing its messages to the hub
         self._sends_done = 0  # syncs that finished handing over (in change_stamp)
         self.change_lag = ChangeLag()  # a changed file found by a scan -> in the hub's queues
+        self._fs_type = ""  # of the manifests folder, read when it is (re)watched
+        # Why inotify may miss a change ("": it sees them all, so no fallback poll).
+        self.fallback_poll_reason = ""
 
     # --- lifetime ---------------------------------------------------------------------------
 
@@ -241,6 +248,7 @@ class LocalStore:
         try:
             # Watching before the first scan: a change during the initial sync is not missed.
             with folder_watch(self.manifests_dir, enabled=self.watch) as watch:
+                self._fs_type = await trio.to_thread.run_sync(filesystem_type, self.manifests_dir)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._flush_acks_forever)
                     await self._sync(deliver, initial=True)
@@ -263,14 +271,18 @@ class LocalStore:
     async def _wait_for_change(self, watch: FolderWatch | None) -> None:
         """Until the folder may have changed: a (debounced) notification, or a poll."""
         if watch is not None and not watch.watching and watch.rearm():
+            self._fs_type = await trio.to_thread.run_sync(filesystem_type, self.manifests_dir)
             watch.drain()
             return  # watched again: scan for what happened meanwhile
         if watch is None or not watch.watching or self._retry_soon:
             await trio.sleep(self.poll_interval)
-        else:
+        elif self.fallback_poll_reason:
             with trio.move_on_after(self.watched_poll_interval):
                 await watch.wait()
                 await trio.sleep(WATCH_DEBOUNCE)
+        else:
+            await watch.wait()
+            await trio.sleep(WATCH_DEBOUNCE)
         if watch is not None:
             watch.drain()  # the scan that follows sees everything notified so far
 
@@ -329,7 +341,9 @@ class LocalStore:
     async def _scan(self) -> _Scan | None:
         """Files and stamps after reading what changed; None when nothing did."""
         try:
-            stamps = await trio.to_thread.run_sync(stamp_folder, self.manifests_dir)
+            stamps, blind = await trio.to_thread.run_sync(
+                _list_folder, self.manifests_dir, self._fs_type
+            )
         except OSError as exc:
             if not self._folder_failing:  # report once, keep everything as it is
                 log.warning("cannot list manifests folder %s: %s", self.manifests_dir, exc)
@@ -337,6 +351,7 @@ class LocalStore:
             self._retry_soon = True
             return None
         self._folder_failing = False
+        self._note_blind_spot(blind)
         changed = {name: st for name, st in stamps.items() if self._stamps.get(name) != st}
         removed = (set(self._stamps) | set(self._files)) - set(stamps)
         if not changed and not removed:
@@ -349,6 +364,19 @@ class LocalStore:
             if self._take_result(result, files, new_stamps):
                 touched.add(result.name)
         return _Scan(files, new_stamps, touched)
+
+    def _note_blind_spot(self, reason: str) -> None:
+        if reason == self.fallback_poll_reason:
+            return
+        self.fallback_poll_reason = reason
+        if reason:
+            log.info(
+                "manifests folder: %s, which inotify cannot see: also polling every %g s",
+                reason,
+                self.watched_poll_interval,
+            )
+        else:
+            log.info("manifests folder: inotify sees every change again: no polling")
 
     def _take_result(self, result: FileResult, files: Files, stamps: dict[str, FileStamp]) -> bool:
         """Take one file read; True when its manifests replace the previous ones."""
@@ -692,6 +720,12 @@ async def open_local_store(
 def _order(key: ObjectKey) -> tuple[str, str, str]:
     """ObjectKey's own order, as a cheaper sort key."""
     return key.kind, key.namespace, key.name
+
+
+def _list_folder(folder: Path, fs_type: str) -> tuple[dict[str, FileStamp], str]:
+    """The folder's stamps, and why inotify may miss a change there (`watch.blind_spot`)."""
+    stamps = stamp_folder(folder)
+    return stamps, blind_spot(folder, stamps, fs_type)
 
 
 def _read_files(folder: Path, stamps: Mapping[str, FileStamp]) -> list[FileResult]:

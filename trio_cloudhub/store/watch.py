@@ -15,7 +15,8 @@ Rules:
 - the folder itself going away (deleted, moved, unmounted) ends the watch: `watching` turns
   False and `rearm()` watches whatever is at the path again (the caller polls meanwhile);
 - changes inotify cannot see (another host writing on a network filesystem, the target of a
-  symlink outside the folder) need the caller's slow fallback poll;
+  symlink outside the folder, a symlink in the folder's own path re-pointed) need the
+  caller's slow fallback poll: `blind_spot` says when that is the case, and why;
 - not Linux, or no inotify instance/watch left (`fs.inotify.max_user_*`): `folder_watch`
   yields None after logging the reason once at info.
 """
@@ -28,7 +29,7 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -36,7 +37,7 @@ import trio
 
 log = logging.getLogger("trio_cloudhub.store")
 
-__all__ = ["FolderWatch", "folder_watch"]
+__all__ = ["FolderWatch", "blind_spot", "filesystem_type", "folder_watch"]
 
 IN_MODIFY = 0x00000002
 IN_ATTRIB = 0x00000004
@@ -225,3 +226,72 @@ def _open(folder: Path) -> FolderWatch | None:
         )
         return None
     return watch
+
+
+# --- what inotify on the folder cannot see ---------------------------------------------------
+
+# File systems whose files other hosts (or the VM host) change without local inotify events.
+REMOTE_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "afs",
+        "gpfs",
+        "virtiofs",
+        "vboxsf",
+        "fuse",
+    }
+)
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+def filesystem_type(folder: Path, mountinfo: str | None = None) -> str:
+    """The type of the file system `folder` is on ("" when unknown), from mountinfo."""
+    if mountinfo is None:
+        try:
+            mountinfo = MOUNTINFO.read_text()
+        except OSError:
+            return ""
+    target = os.path.realpath(folder)
+    best, found = -1, ""
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > best:
+            best, found = len(mount_point), line.split(" - ", 1)[1].split()[0]
+    return found
+
+
+def is_remote_filesystem(kind: str) -> bool:
+    return kind.split(".", 1)[0] in REMOTE_FILESYSTEMS
+
+
+def blind_spot(folder: Path, names: Iterable[str], fs_type: str) -> str:
+    """Why inotify on `folder` may miss a change of the manifests `names` ("" when it sees
+    them all): a remote file system, the folder's path going through a symlink (re-pointing
+    it is not an event in the folder), or a manifest that is a symlink to a file outside the
+    folder (editing the target is an event elsewhere). Symlinks inside the folder, as in a
+    mounted ConfigMap (`..data`), are seen: swapping them is an event in the folder."""
+    if is_remote_filesystem(fs_type):
+        return f"the folder is on a {fs_type} file system"
+    absolute = os.path.abspath(folder)
+    real = os.path.realpath(folder)
+    if real != absolute:
+        return f"the folder's path goes through a symlink ({absolute} is {real})"
+    for name in names:
+        path = os.path.join(absolute, name)
+        if os.path.islink(path):
+            target = os.path.realpath(path)
+            if os.path.dirname(target) != real and not target.startswith(real + os.sep):
+                return f"{name} is a symlink to {target}, outside the folder"
+    return ""

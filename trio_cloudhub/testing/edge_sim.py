@@ -312,6 +312,9 @@ class SimEdge:
         self.close_reason: str | None = None
         self._pending_queries: set[str] = set()
         self._changed = trio.Event()
+        # Called after each message is handled (ACK sent), e.g. by a benchmark recording
+        # arrival and ACK times without a waiting task per edge.
+        self.observer: Callable[[SimEdge, Received], None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -319,19 +322,16 @@ class SimEdge:
 
     async def run(self) -> None:
         """Receive, ACK and keep alive until the connection ends (never raises EdgeDisconnected)."""
-        next_keepalive = trio.current_time()
+        receive = self.connection.receive
         try:
             while True:
-                if trio.current_time() >= next_keepalive:
-                    await self.send_message(keepalive_message())
-                    self.keepalives_sent += 1
-                    next_keepalive = trio.current_time() + self.keepalive_interval
-                frame: str | bytes | None = None
-                # receive() is cancel-safe; the handling below (which sends) is kept outside.
-                with trio.move_on_at(next_keepalive):
-                    frame = await self.connection.receive()
-                if frame is not None:
-                    await self._handle(frame)
+                await self.send_message(keepalive_message())
+                self.keepalives_sent += 1
+                # One deadline per keepalive period, not one per message: receive() is
+                # cancel-safe, and so is sending an ACK (what is not out yet stays queued).
+                with trio.move_on_after(self.keepalive_interval):
+                    while True:
+                        await self._handle(await receive())
         except EdgeDisconnected as exc:
             self.close_reason = str(exc) or "disconnected"
         finally:
@@ -347,7 +347,8 @@ class SimEdge:
             self.undecodable.append(frame)
             await self.connection.abort()
             raise EdgeDisconnected("undecodable frame from the cloud") from None
-        self.received.append(Received(message, trio.current_time()))
+        received = Received(message, trio.current_time())
+        self.received.append(received)
         self._wake()
         parent = message.header.parent_msg_id
         if parent in self._pending_queries:
@@ -359,9 +360,11 @@ class SimEdge:
             reply = self.storage.handle(message, _now_ms())
         self._wake()  # the storage changed: wake `wait_holds`
         if self.auto_ack and reply is not None:
-            await self.send_message(reply)
             if reply.route.operation == OP_RESPONSE:
-                self.acks_sent += 1
+                self.acks_sent += 1  # counted first: a deadline may end the send after it left
+            await self.send_message(reply)
+        if self.observer is not None:
+            self.observer(self, received)
 
     def _wake(self) -> None:
         self._changed.set()

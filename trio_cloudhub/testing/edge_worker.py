@@ -41,6 +41,7 @@ from typing import Any
 import trio
 
 from trio_cloudhub.core.message import Message, object_uid
+from trio_cloudhub.edge.tls import TlsTransport
 from trio_cloudhub.edge.websocket import WebSocketConnection
 from trio_cloudhub.testing.edge_sim import (
     BootstrapError,
@@ -91,13 +92,12 @@ def describe(message: Message, session: int, storage: MetaStore) -> dict[str, An
     }
 
 
-def tcp_socket_of(edge: SimEdge) -> trio.socket.SocketType | None:
+def tcp_socket_of(edge: SimEdge) -> socket.socket | None:
     connection = edge.connection
     if not isinstance(connection, WebSocketConnection):
         return None
-    stream = connection.stream
-    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    return transport.socket if isinstance(transport, trio.SocketStream) else None
+    transport = connection.transport
+    return transport.socket if isinstance(transport, TlsTransport) else None
 
 
 def local_port(edge: SimEdge) -> int:

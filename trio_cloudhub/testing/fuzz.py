@@ -52,7 +52,7 @@ from trio_cloudhub import uds
 from trio_cloudhub.core import codec
 from trio_cloudhub.core.message import Message, new_message, response_to
 from trio_cloudhub.edge.base import EdgeDisconnected
-from trio_cloudhub.edge.websocket import WebSocketConnection
+from trio_cloudhub.edge.websocket import StreamTransport, WebSocketConnection
 from trio_cloudhub.pki import token as token_module
 from trio_cloudhub.pki.certs import CertAndKey, generate_ca, issue_certificate
 from trio_cloudhub.pki.client_cert import (
@@ -233,8 +233,8 @@ async def _ws_messages(chunks: Sequence[bytes]) -> tuple[list[str | bytes], str]
     """The messages read from a server-side connection fed `chunks`, and why it ended."""
     stream = ScriptedStream(chunks)
     connection = WebSocketConnection(
-        stream,
-        Connection(ConnectionType.SERVER),
+        StreamTransport(stream),
+        client=False,
         node_id=NODE,
         project_id="p",
         remote="fuzz",

@@ -124,6 +124,7 @@ async def open_test_hub(
     hub = Hub(settings or HubSettings(), store)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(hub.dispatch_upstream)
+        nursery.start_soon(hub.run_timers)
         await nursery.start(store.run, hub.route_downstream)
         nursery.start_soon(hub.reconcile_forever)
         yield TestHub(hub=hub, store=store, nursery=nursery)
