@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trio_cloudhub.session")
 IN_FLIGHT_POLL = 0.25  # how often a copy still in transit at its ACK deadline is looked at
+# The longest a first send waits for its "0" marker to be durable: a store that cannot write
+# (disk full, API down) delays first sends by this much, it does not stop them.
+MARKER_WAIT = 2.0
 
 
 class SessionEnded(Exception):
@@ -261,10 +264,12 @@ class NodeSession(NodeSessionHandle):
                 self.hub.timers.at(retry_at, self._on_retry_time)
             return
         store = self.hub.store
-        acked = store.acked_version(self.node_id, object_uid(message.content))
+        uid = object_uid(message.content)
+        acked = store.acked_version(self.node_id, uid)
         message = as_sent_to(message, acked)  # an insert of what the node may hold: update
         self.start_flight(message)
         store.record_sent(self.node_id, message)
+        marker = store.unwritten_marker(self.node_id, uid) if acked is None else None
         settings = self._settings
         delivery = Delivery(
             message, now, interval=settings.ack_timeout, max_sends=settings.ack_max_sends
@@ -272,7 +277,18 @@ class NodeSession(NodeSessionHandle):
         self._delivery = delivery
         self._in_transit_since = math.inf
         self._frame = self.hub.frames.for_edge(message)
-        self._advance(delivery, now)
+        if marker is None:
+            self._advance(delivery, now)
+        else:
+            assert self._nursery is not None  # `_open`
+            self._nursery.start_soon(self._send_once_durable, delivery, marker)
+
+    async def _send_once_durable(self, delivery: Delivery, marker: trio.Event) -> None:
+        """The first send of an object, once the store holds its "0" marker."""
+        with trio.move_on_after(MARKER_WAIT):
+            await marker.wait()
+        if delivery is self._delivery and self._open:
+            self._advance(delivery, trio.current_time())
 
     def _on_retry_time(self, now: float) -> None:
         self._retry_at = math.inf

@@ -11,7 +11,7 @@ writes are queued and persisted in the background.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import attrs
@@ -168,6 +168,16 @@ class CloudStore(Protocol):
         send), so a delete still reaches an edge whose ACK was lost, even after a restart."""
         ...
 
+    def unwritten_marker(self, node_id: str, uid: str) -> trio.Event | None:
+        """After `record_sent` created the "0" marker of `uid`: an event set once it is
+        durable, or None when no marker waits to be written.
+
+        The first send of an object waits for it: an edge that stored the object and whose
+        ACK a crash lost is then still known to hold it, so the object goes as `update`
+        after the restart (EdgeCore v1.10 acknowledges and ignores an insert of a held key).
+        """
+        ...
+
     def record_ack(self, node_id: str, message: Message) -> None:
         """An ACK arrived for `message` (cloud resource form): update or drop its ack point."""
         ...
@@ -226,3 +236,25 @@ class CloudStore(Protocol):
         """PEM of the Kubernetes API server's CA, for the edge's `k8s/ca.crt` query; "" when
         there is none (KubeEdge answers "" when it cannot read it)."""
         ...
+
+
+class WriteWaiters:
+    """Events for keys whose pending write someone waits for (`unwritten_marker`)."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], trio.Event] = {}
+
+    def event(self, key: tuple[str, str]) -> trio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = trio.Event()
+        return event
+
+    def written(self, keys: Iterable[tuple[str, str]]) -> None:
+        """These keys' values are durable now."""
+        if not self._events:
+            return
+        for key in keys:
+            event = self._events.pop(key, None)
+            if event is not None:
+                event.set()

@@ -73,6 +73,7 @@ from trio_cloudhub.store.base import (
     NodeRecord,
     SessionEvent,
     StoreError,
+    WriteWaiters,
 )
 from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.localdb import (
@@ -178,6 +179,8 @@ class LocalStore:
         self._node_reports: dict[str, str] = {}  # node -> Ready summary of its last report
         self._ack_changes: dict[str, int] = {}  # node -> ack point changes (change_stamp)
         self._pending_acks: dict[AckKey, AckPoint | None] = {}
+        self._writing_acks: Mapping[AckKey, AckPoint | None] = {}  # the batch being written
+        self._marker_waiters = WriteWaiters()
         self._ack_wakeup = trio.Event()
         self._ack_batch_full = trio.Event()
         self._files: Files = {}  # last good manifests of every file
@@ -524,6 +527,15 @@ class LocalStore:
             points[uid] = point
             self._queue_ack((node_id, uid), point)
 
+    def unwritten_marker(self, node_id: str, uid: str) -> trio.Event | None:
+        point = self._acks.get(node_id, {}).get(uid)
+        key = (node_id, uid)
+        if point is None or point.rv != SENT_RV:
+            return None
+        if key not in self._pending_acks and key not in self._writing_acks:
+            return None
+        return self._marker_waiters.event(key)
+
     def record_ack(self, node_id: str, message: Message) -> None:
         uid = object_uid(message.content)
         if not uid:
@@ -580,9 +592,15 @@ class LocalStore:
         batch, self._pending_acks = self._pending_acks, {}
         records, self._pending_records = self._pending_records, {}
         self._ack_wakeup, self._ack_batch_full = trio.Event(), trio.Event()
-        acks_written = await self._write_pending(
-            "ack points", self._db.write_acks, batch, self._pending_acks
-        )
+        self._writing_acks = batch
+        try:
+            acks_written = await self._write_pending(
+                "ack points", self._db.write_acks, batch, self._pending_acks
+            )
+        finally:
+            self._writing_acks = {}
+        if acks_written:
+            self._marker_waiters.written(batch)
         records_written = await self._write_pending(
             "node records", self._db.write_node_records, records, self._pending_records
         )

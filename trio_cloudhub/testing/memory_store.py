@@ -91,6 +91,9 @@ class MemoryStore:
     def acked_version(self, node_id: str, uid: str) -> str | None:
         return self.ack_points.get((node_id, uid))
 
+    def unwritten_marker(self, node_id: str, uid: str) -> trio.Event | None:
+        return None  # nothing is written: nothing to wait for
+
     def record_sent(self, node_id: str, message: Message) -> None:
         key = (node_id, object_uid(message.content))
         if key[1] and message.operation != OP_DELETE and key not in self.ack_points:

@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from trio_cloudhub.core.message import cloud_resource, split_cloud_resource
+from trio_cloudhub.store.base import WriteWaiters
 from trio_cloudhub.store.kube.calls import KubeCallError, RawApi
 from trio_cloudhub.store.kube.client import RateLimiter
 from trio_cloudhub.store.reconcile import SENT_RV, AckKey, AckPoint, rv_number
@@ -127,6 +128,7 @@ class AckBook:
         self.changes: dict[str, int] = {}  # node -> changes seen (change stamps)
         self._pending: dict[AckKey, Pending] = {}
         self._writing: set[AckKey] = set()
+        self._marker_waiters = WriteWaiters()
         self._written_rv: dict[AckKey, int] = {}  # the API resourceVersion of our last write
         self._exists: set[AckKey] = set()  # resources the API holds, as far as we know
         self._wakeup = trio.Event()
@@ -171,6 +173,16 @@ class AckBook:
         """An ack point at "0" unless the object has one (KubeEdge: before the first send)."""
         if self.get(node, uid) is None:
             self._change(node, uid, AckPoint(SENT_RV, resource))
+
+    def unwritten_marker(self, node: str, uid: str) -> trio.Event | None:
+        """An event set once the "0" marker of (node, uid) is written; None if none waits."""
+        point = self.get(node, uid)
+        key = (node, uid)
+        if point is None or point.rv != SENT_RV:
+            return None
+        if key not in self._pending and key not in self._writing:
+            return None
+        return self._marker_waiters.event(key)
 
     def acknowledge(self, node: str, uid: str, rv: str, resource: str) -> None:
         point = AckPoint(rv, resource)
@@ -224,6 +236,7 @@ class AckBook:
             self._writing = set(batch)
             failed = await self._write_batch(batch)
             self._writing = set()
+            self._marker_waiters.written(key for key in batch if key not in failed)
             for key, pending in failed.items():
                 self._pending.setdefault(key, pending)  # a newer change wins
             if failed:

@@ -318,6 +318,9 @@ class KubeStore:
         if uid and message.route.operation != OP_DELETE:
             self.acks.mark_sent(node_id, uid, message.route.resource)
 
+    def unwritten_marker(self, node_id: str, uid: str) -> trio.Event | None:
+        return self.acks.unwritten_marker(node_id, uid)
+
     def record_ack(self, node_id: str, message: Message) -> None:
         uid = object_uid(message.content)
         if not uid:
