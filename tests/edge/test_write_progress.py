@@ -14,6 +14,7 @@ from certs import Pki
 
 from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
+from trio_cloudhub.edge.tls import TlsTransport
 from trio_cloudhub.edge.websocket import WebSocketConnection, connect_websocket, serve_websocket
 
 pytestmark = pytest.mark.skipif(
@@ -106,10 +107,10 @@ async def test_a_slow_reader_keeps_its_connection_however_long_the_write(
         sender = BigSender(3 * MiB)
         port = await start(nursery, pki, sender, write_timeout=1.0)
         client = await dial(port, pki)
-        stream = client.stream
+        transport = client.transport
         received = 0
         while received < 3 * MiB:
-            data = await stream.receive_some(16 * 1024)
+            data = await transport.receive_some()
             assert data, "the server closed the connection"
             received += len(data)
             await trio.sleep(0.01)
@@ -126,8 +127,8 @@ async def test_the_option_is_set_on_accepted_sockets(nursery: trio.Nursery, pki:
         client = await dial(port, pki)
         await sender.done.wait()
         assert sender.connection is not None
-        tcp = sender.connection.stream.transport_stream
-        assert isinstance(tcp, trio.SocketStream)
-        assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2500
+        transport = sender.connection.transport
+        assert isinstance(transport, TlsTransport)
+        assert transport.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 2500
         assert client.stall_timeout == 0.0  # the client side sets nothing
         await client.abort()

@@ -450,7 +450,7 @@ class WebSocketConnection:
         try:
             await self.transport.flush()
         except _BROKEN as exc:
-            self._fail(f"connection lost: {_describe(exc)}")
+            self._fail(self._lost(exc))
             raise EdgeDisconnected(self._closed) from None
 
     async def send(self, text: str) -> None:
