@@ -245,6 +245,10 @@ class NodeQueue:
         """The message waiting in `key`'s slot, if any."""
         return self._pending.get(key)
 
+    def waiting(self) -> list[Message]:
+        """Every ACK-mode message waiting to be sent (ready or backing off)."""
+        return list(self._pending.values())
+
     # --- NO_ACK path ---------------------------------------------------------------------
 
     def offer_no_ack(self, message: Message) -> bool:

@@ -28,7 +28,7 @@ class WorkListener(Protocol):
 
 
 class NodeEntry:
-    __slots__ = ("complete_at", "listener", "node_id", "queue")
+    __slots__ = ("complete_at", "listener", "marked_ahead", "node_id", "queue")
 
     def __init__(self, node_id: str, no_ack_capacity: int = 1024) -> None:
         self.node_id = node_id
@@ -36,6 +36,9 @@ class NodeEntry:
         self.listener: WorkListener | None = None  # the running session, if any
         # The store's change stamp when reconciliation last found nothing missing.
         self.complete_at: tuple[int, ...] | None = None
+        # Objects whose "0" marker was written before their first send (with another
+        # object's): their first send is still an insert.
+        self.marked_ahead: set[str] = set()
 
     def notify_ack_work(self) -> None:
         if self.listener is not None:

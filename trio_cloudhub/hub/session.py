@@ -35,10 +35,18 @@ from trio_cloudhub.core import codec
 from trio_cloudhub.core.delivery import Delivery, GiveUp, Send, WaitUntil
 from trio_cloudhub.core.fast_upstream import fast_upstream
 from trio_cloudhub.core.limits import TokenBucket
-from trio_cloudhub.core.message import OP_KEEPALIVE, OP_RESPONSE, Message, object_uid
+from trio_cloudhub.core.message import (
+    OP_DELETE,
+    OP_INSERT,
+    OP_KEEPALIVE,
+    OP_RESPONSE,
+    Message,
+    object_uid,
+)
 from trio_cloudhub.core.rules import Upstream, as_sent_to, classify_upstream, control_reply
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle, wall_ms
+from trio_cloudhub.store.reconcile import SENT_RV
 
 if TYPE_CHECKING:
     from trio_cloudhub.hub.hub import Hub, HubSettings
@@ -266,10 +274,15 @@ class NodeSession(NodeSessionHandle):
         store = self.hub.store
         uid = object_uid(message.content)
         acked = store.acked_version(self.node_id, uid)
+        if uid in self.entry.marked_ahead:
+            self.entry.marked_ahead.discard(uid)
+            acked = None if acked == SENT_RV else acked  # marked, never sent
         message = as_sent_to(message, acked)  # an insert of what the node may hold: update
         self.start_flight(message)
         store.record_sent(self.node_id, message)
         marker = store.unwritten_marker(self.node_id, uid) if acked is None else None
+        if marker is not None:
+            self._mark_ahead()
         settings = self._settings
         delivery = Delivery(
             message, now, interval=settings.ack_timeout, max_sends=settings.ack_max_sends
@@ -282,6 +295,19 @@ class NodeSession(NodeSessionHandle):
         else:
             assert self._nursery is not None  # `_open`
             self._nursery.start_soon(self._send_once_durable, delivery, marker)
+
+    def _mark_ahead(self) -> None:
+        """The "0" markers of the other queued first sends, so they are written in the same
+        batch as this one: one wait for the lot, not one write per stop-and-wait round."""
+        store, node = self.hub.store, self.node_id
+        for queued in self.entry.queue.waiting():
+            uid = object_uid(queued.content)
+            if not uid or queued.operation == OP_DELETE:
+                continue
+            if store.acked_version(node, uid) is None:
+                store.record_sent(node, queued)
+                if queued.operation == OP_INSERT:
+                    self.entry.marked_ahead.add(uid)
 
     async def _send_once_durable(self, delivery: Delivery, marker: trio.Event) -> None:
         """The first send of an object, once the store holds its "0" marker."""

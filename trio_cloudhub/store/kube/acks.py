@@ -282,7 +282,8 @@ class AckBook:
 
     async def _api_write(self, key: AckKey, pending: Pending) -> Any:
         """One worker-thread job per key: create when needed, then the status write."""
-        calls = 1 if pending.point is None or key in self._exists else 2
+        simple = pending.point is None or pending.point.rv == SENT_RV or key in self._exists
+        calls = 1 if simple else 2
         if self._limiter is not None:
             for _ in range(calls):
                 await self._limiter.acquire()
@@ -329,10 +330,15 @@ def _write_blocking(api: RawApi, key: AckKey, pending: Pending, exists: bool) ->
             raise
     if not exists:
         try:
-            api.request("POST", sync_path(pending.namespace), sync_body(node, uid, pending))
+            created = api.request(
+                "POST", sync_path(pending.namespace), sync_body(node, uid, pending)
+            )
         except KubeCallError as exc:
             if exc.status != 409:  # AlreadyExists: another hub created it, fine
                 raise
+            created = None
+        if pending.point.rv == SENT_RV:
+            return created, True  # no status reads as "0": one call for a marker
     status = {"status": {"objectResourceVersion": pending.point.rv}}
     path = sync_path(pending.namespace, name) + "/status"
     return api.request("PATCH", path, status, content_type=MERGE_PATCH), True
