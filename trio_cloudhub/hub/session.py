@@ -314,6 +314,7 @@ class NodeSession(NodeSessionHandle):
         with trio.move_on_after(MARKER_WAIT):
             await marker.wait()
         if delivery is self._delivery and self._open:
+            self._mark_ahead()  # what was queued meanwhile: its markers on their way now
             self._advance(delivery, trio.current_time())
 
     def _on_retry_time(self, now: float) -> None:

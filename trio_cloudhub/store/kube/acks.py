@@ -232,11 +232,10 @@ class AckBook:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()
                 await trio.sleep(WRITE_BATCH_DELAY)
-            batch, self._pending = self._pending, {}
+            batch = self._take_batch()
             self._writing = set(batch)
             failed = await self._write_batch(batch)
             self._writing = set()
-            self._marker_waiters.written(key for key in batch if key not in failed)
             for key, pending in failed.items():
                 self._pending.setdefault(key, pending)  # a newer change wins
             if failed:
@@ -244,6 +243,17 @@ class AckBook:
                 retry = min(retry * 2, RETRY_CAP)
             else:
                 retry = RETRY_BASE
+
+    def _take_batch(self) -> dict[AckKey, Pending]:
+        """The pending markers alone when there are any (first sends wait for them), else
+        everything pending."""
+        markers = {key: pending for key, pending in self._pending.items() if _is_marker(pending)}
+        if markers and len(markers) < len(self._pending):
+            for key in markers:
+                del self._pending[key]
+            return markers
+        batch, self._pending = self._pending, {}
+        return batch
 
     async def wait_written(self) -> None:
         """Until nothing is pending (tests, shutdown)."""
@@ -256,7 +266,9 @@ class AckBook:
 
         async def worker() -> None:
             for key, pending in items:
-                if not await self._write_one(key, pending):
+                if await self._write_one(key, pending):
+                    self._marker_waiters.written((key,))  # its first send may go now
+                else:
                     failed[key] = pending
 
         async with trio.open_nursery() as nursery:
@@ -282,8 +294,7 @@ class AckBook:
 
     async def _api_write(self, key: AckKey, pending: Pending) -> Any:
         """One worker-thread job per key: create when needed, then the status write."""
-        simple = pending.point is None or pending.point.rv == SENT_RV or key in self._exists
-        calls = 1 if simple else 2
+        calls = 1 if pending.point is None or key in self._exists else 2
         if self._limiter is not None:
             for _ in range(calls):
                 await self._limiter.acquire()
@@ -299,6 +310,10 @@ class AckBook:
         else:
             self._exists.discard(key)
         return answer
+
+
+def _is_marker(pending: Pending) -> bool:
+    return pending.point is not None and pending.point.rv == SENT_RV
 
 
 # --- blocking calls, in worker threads ---------------------------------------------------
@@ -330,15 +345,10 @@ def _write_blocking(api: RawApi, key: AckKey, pending: Pending, exists: bool) ->
             raise
     if not exists:
         try:
-            created = api.request(
-                "POST", sync_path(pending.namespace), sync_body(node, uid, pending)
-            )
+            api.request("POST", sync_path(pending.namespace), sync_body(node, uid, pending))
         except KubeCallError as exc:
             if exc.status != 409:  # AlreadyExists: another hub created it, fine
                 raise
-            created = None
-        if pending.point.rv == SENT_RV:
-            return created, True  # no status reads as "0": one call for a marker
     status = {"status": {"objectResourceVersion": pending.point.rv}}
     path = sync_path(pending.namespace, name) + "/status"
     return api.request("PATCH", path, status, content_type=MERGE_PATCH), True
