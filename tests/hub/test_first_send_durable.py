@@ -13,7 +13,6 @@ import sqlite3
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -21,30 +20,9 @@ from trio_cloudhub.core.message import object_uid
 from trio_cloudhub.store.kube.acks import sync_name
 from trio_cloudhub.testing.edge_sim import Received, SimEdge
 from trio_cloudhub.testing.harness import CloudHub, edge_node, open_cloudhub, open_cloudhub_kube
+from trio_cloudhub.testing.netfaults import config_map, pod
 
 NODE = "edge-1"
-
-
-def config_map(name: str, gen: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": "default"},
-        "data": {"gen": gen},
-    }
-
-
-def pod(name: str, config: str) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "nodeName": NODE,
-            "containers": [{"name": "c", "image": "registry.example/app:1"}],
-            "volumes": [{"name": "cfg", "configMap": {"name": config}}],
-        },
-    }
 
 
 def sqlite_has_point(hub: CloudHub) -> Callable[[str], bool]:
@@ -97,7 +75,8 @@ class Arrivals:
 
 async def deliver_new_objects(hub: CloudHub, edge: SimEdge) -> None:
     for index in range(5):
-        await hub.apply(config_map(f"cfg-{index}", "1"), pod(f"app-{index}", f"cfg-{index}"))
+        config = f"cfg-{index}"
+        await hub.apply(config_map(config, 1), pod(f"app-{index}", NODE, config_maps=[config]))
     for index in range(5):
         await edge.wait_holds(f"default/pod/app-{index}")
         await edge.wait_holds(f"default/configmap/cfg-{index}")

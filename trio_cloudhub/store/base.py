@@ -11,7 +11,7 @@ writes are queued and persisted in the background.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Protocol
 
 import attrs
@@ -236,25 +236,3 @@ class CloudStore(Protocol):
         """PEM of the Kubernetes API server's CA, for the edge's `k8s/ca.crt` query; "" when
         there is none (KubeEdge answers "" when it cannot read it)."""
         ...
-
-
-class WriteWaiters:
-    """Events for keys whose pending write someone waits for (`unwritten_marker`)."""
-
-    def __init__(self) -> None:
-        self._events: dict[tuple[str, str], trio.Event] = {}
-
-    def event(self, key: tuple[str, str]) -> trio.Event:
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = trio.Event()
-        return event
-
-    def written(self, keys: Iterable[tuple[str, str]]) -> None:
-        """These keys' values are durable now."""
-        if not self._events:
-            return
-        for key in keys:
-            event = self._events.pop(key, None)
-            if event is not None:
-                event.set()

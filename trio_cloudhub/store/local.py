@@ -73,7 +73,6 @@ from trio_cloudhub.store.base import (
     NodeRecord,
     SessionEvent,
     StoreError,
-    WriteWaiters,
 )
 from trio_cloudhub.store.handover import hand_over
 from trio_cloudhub.store.localdb import (
@@ -100,6 +99,7 @@ from trio_cloudhub.store.reconcile import (
     SENT_RV,
     AckKey,
     AckPoint,
+    WriteWaiters,
     missed_on_node,
     now_ms,
     stub_object,
@@ -529,12 +529,12 @@ class LocalStore:
 
     def unwritten_marker(self, node_id: str, uid: str) -> trio.Event | None:
         point = self._acks.get(node_id, {}).get(uid)
-        key = (node_id, uid)
-        if point is None or point.rv != SENT_RV:
-            return None
-        if key not in self._pending_acks and key not in self._writing_acks:
-            return None
-        return self._marker_waiters.event(key)
+        return self._marker_waiters.marker(
+            (node_id, uid), None if point is None else point.rv, self._ack_unwritten
+        )
+
+    def _ack_unwritten(self, key: AckKey) -> bool:
+        return key in self._pending_acks or key in self._writing_acks
 
     def record_ack(self, node_id: str, message: Message) -> None:
         uid = object_uid(message.content)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
+import trio
 
 from trio_cloudhub.core.message import OP_DELETE, OP_INSERT, OP_UPDATE, split_cloud_resource
 from trio_cloudhub.store.base import Missed
@@ -136,3 +137,34 @@ def stub_object(uid: str, point: AckPoint) -> StoredObject | None:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class WriteWaiters:
+    """Events for keys whose pending write someone waits for (`unwritten_marker`)."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], trio.Event] = {}
+
+    def marker(
+        self, key: tuple[str, str], rv: str | None, unwritten: Callable[[tuple[str, str]], bool]
+    ) -> trio.Event | None:
+        """`unwritten_marker`: an event when `key`'s point is the "0" marker (`rv`) and its
+        write is still due (`unwritten(key)`), else None."""
+        if rv != SENT_RV or not unwritten(key):
+            return None
+        return self.event(key)
+
+    def event(self, key: tuple[str, str]) -> trio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = trio.Event()
+        return event
+
+    def written(self, keys: Iterable[tuple[str, str]]) -> None:
+        """These keys' values are durable now."""
+        if not self._events:
+            return
+        for key in keys:
+            event = self._events.pop(key, None)
+            if event is not None:
+                event.set()

@@ -24,10 +24,9 @@ import attrs
 import trio
 
 from trio_cloudhub.core.message import cloud_resource, split_cloud_resource
-from trio_cloudhub.store.base import WriteWaiters
 from trio_cloudhub.store.kube.calls import KubeCallError, RawApi
 from trio_cloudhub.store.kube.client import RateLimiter
-from trio_cloudhub.store.reconcile import SENT_RV, AckKey, AckPoint, rv_number
+from trio_cloudhub.store.reconcile import SENT_RV, AckKey, AckPoint, WriteWaiters, rv_number
 from trio_cloudhub.store.routing import KINDS_BY_TYPE, RESOURCE_TYPES
 
 log = logging.getLogger("trio_cloudhub.kube")
@@ -177,12 +176,12 @@ class AckBook:
     def unwritten_marker(self, node: str, uid: str) -> trio.Event | None:
         """An event set once the "0" marker of (node, uid) is written; None if none waits."""
         point = self.get(node, uid)
-        key = (node, uid)
-        if point is None or point.rv != SENT_RV:
-            return None
-        if key not in self._pending and key not in self._writing:
-            return None
-        return self._marker_waiters.event(key)
+        return self._marker_waiters.marker(
+            (node, uid), None if point is None else point.rv, self._unwritten
+        )
+
+    def _unwritten(self, key: AckKey) -> bool:
+        return key in self._pending or key in self._writing
 
     def acknowledge(self, node: str, uid: str, rv: str, resource: str) -> None:
         point = AckPoint(rv, resource)
