@@ -9,8 +9,10 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -19,6 +21,7 @@ from trio_cloudhub.cli_get import OUTPUTS, HubNotReachable, get
 from trio_cloudhub.config import (
     API_VERSION,
     MAX_CONFIG_BYTES,
+    MAX_WORKERS,
     Config,
     ConfigError,
     dump_config,
@@ -27,8 +30,11 @@ from trio_cloudhub.config import (
 )
 from trio_cloudhub.http.certs_store import CredentialsError, current_token
 from trio_cloudhub.http.kube_credentials import stored_kube_token
+from trio_cloudhub.hub.claims import WorkerLink
 from trio_cloudhub.hub.server import ServeInfo, serve
+from trio_cloudhub.hub.supervisor import Supervisor
 from trio_cloudhub.logs import level_for, setup_logging
+from trio_cloudhub.metrics import Metrics, parse_bind_address, serve_metrics
 from trio_cloudhub.store.base import StoreError
 
 log = logging.getLogger("trio_cloudhub")
@@ -65,11 +71,15 @@ def effective_config(args: argparse.Namespace) -> Config:
     data_dir = args.data_dir or config.trio_cloud_hub.data_dir or str(default_data_dir())
     manifests = getattr(args, "manifests", None) or config.trio_cloud_hub.manifests_dir
     level = getattr(args, "log_level", None) or config.trio_cloud_hub.log_level
+    workers = getattr(args, "workers", None) or config.trio_cloud_hub.workers
+    if not 1 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be in [1, {MAX_WORKERS}], not {workers}")
     return evolve(
         config,
         data_dir=str(Path(data_dir).expanduser()),
         manifests_dir=str(Path(manifests or Path(data_dir) / "manifests").expanduser()),
         log_level=level,
+        workers=workers,
     )
 
 
@@ -98,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="klog-style level: 0-3 INFO (quiet in steady state), 4+ every message (DEBUG)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="processes serving edges on the same ports (default 1; one per core)",
+    )
+    # A worker of `--workers N`: its index and the file descriptor of its supervisor link.
+    serve.add_argument("--worker", metavar="INDEX:FD", help=argparse.SUPPRESS)
 
     token = commands.add_parser("token", help="print a valid join token for edges")
     _common_flags(token)
@@ -138,6 +156,7 @@ def _verbosity(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.minconfig or args.defaultconfig:
         print(MIN_CONFIG if args.minconfig else dump_config(Config()), end="")
         return 0
@@ -180,8 +199,22 @@ modules:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    setup_logging(level_for(args.verbosity, config.trio_cloud_hub.log_level))
+    level = level_for(args.verbosity, config.trio_cloud_hub.log_level)
+    if args.worker:
+        index, fd = _worker_flag(args.worker)
+        setup_logging(level, worker=str(index))
+        try:
+            trio.run(_serve_worker, config, index, fd)
+        except BaseExceptionGroup as group:
+            raise _single_failure(group) from None
+        return 0
+    setup_logging(level)
     raise_open_files_limit(config.cloud_hub.node_limit)
+    if config.trio_cloud_hub.workers > 1:
+        try:
+            return trio.run(_supervise, config, args.argv)
+        except BaseExceptionGroup as group:
+            raise _single_failure(group) from None
     if config.ignored:
         log.warning(
             "accepted but not used (CloudCore modules this hub does not run): %s",
@@ -240,6 +273,87 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [exc]
+
+
+def _worker_flag(text: str) -> tuple[int, int]:
+    index, _, fd = text.partition(":")
+    if not (index.isdigit() and fd.isdigit()):
+        raise ConfigError(f"--worker must be INDEX:FD, not {text!r}")
+    return int(index), int(fd)
+
+
+async def _serve_worker(config: Config, index: int, fd: int) -> None:
+    sock = socket.socket(fileno=fd)
+    link = WorkerLink(index, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    started: list[ServeInfo] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain_on_signal, nursery.cancel_scope, started)
+        info = await nursery.start(partial(serve, config, worker=link))
+        started.append(info)
+        log.info("worker %d ready: websocket port %d", index, info.websocket_port)
+    log.info("worker %d stopped", index)
+
+
+async def _supervise(config: Config, argv: Sequence[str]) -> int:
+    """`serve --workers N`: start the workers, serve the metrics port, forward signals."""
+    count = config.trio_cloud_hub.workers
+    command = [sys.executable, "-m", "trio_cloudhub", *argv]
+    supervisor = Supervisor(lambda index, fd: [*command, "--worker", f"{index}:{fd}"], count)
+    async with trio.open_nursery() as nursery:
+
+        async def supervise(*, task_status: trio.TaskStatus[dict[str, int]]) -> None:
+            try:
+                await supervisor.run(task_status=task_status)
+            finally:
+                nursery.cancel_scope.cancel()  # the workers are gone: so is the hub
+
+        nursery.start_soon(_stop_on_signal, supervisor)
+        ports = await nursery.start(supervise)
+        if ports:
+            metrics_port = await _start_supervisor_metrics(nursery, supervisor, config)
+            _log_supervisor_ready(config, ports, metrics_port, count)
+    log.info("stopped")
+    return 0
+
+
+async def _stop_on_signal(supervisor: Supervisor) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s received: draining every worker", signal.Signals(signum).name)
+            supervisor.stop()
+
+
+async def _start_supervisor_metrics(
+    nursery: trio.Nursery, supervisor: Supervisor, config: Config
+) -> int:
+    """The configured metrics port, answering every worker's series (`worker` label)."""
+    address = config.common_config.monitor_server.bind_address
+    try:
+        host, port = parse_bind_address(address)
+        serve = partial(serve_metrics, Metrics(), host, port, exposition=supervisor.exposition)
+        bound: int = await nursery.start(serve)
+    except (OSError, ValueError) as exc:
+        log.warning("metrics server not started on %s: %s", address, exc)
+        return 0
+    return bound
+
+
+def _log_supervisor_ready(
+    config: Config, ports: dict[str, int], metrics_port: int, count: int
+) -> None:
+    quic = f", quic port {ports['quic']} (udp, worker 0)" if ports.get("quic") else ""
+    quic += f", metrics port {metrics_port}" if metrics_port else ""
+    data_dir = config.trio_cloud_hub.data_dir
+    log.info(
+        "serving: websocket port %d, https port %d%s, %d workers, data dir %s, manifests %s",
+        ports.get("websocket", 0),
+        ports.get("https", 0),
+        quic,
+        count,
+        data_dir,
+        config.trio_cloud_hub.manifests_dir,
+    )
+    log.info("edges join with the token printed by: trio-cloudhub token --data-dir %s", data_dir)
 
 
 async def _serve_until_signal(config: Config) -> None:

@@ -21,6 +21,7 @@ API_VERSION = "cloudcore.config.kubeedge.io/v1alpha1"
 API_VERSIONS = (API_VERSION, "cloudcore.config.kubeedge.io/v1alpha2")
 KIND = "CloudCore"
 MAX_CONFIG_BYTES = 1024 * 1024
+MAX_WORKERS = 256
 DEFAULT_PROJECT_ID = "e632aba927ea4ac2b575ec1603d56f10"
 # CloudCore modules we do not implement; their sections are accepted and ignored.
 OTHER_CLOUDCORE_MODULES = frozenset(
@@ -159,6 +160,8 @@ class TrioCloudHub:
     # Warnings about a misbehaving edge (rate limited, no ACK, another node's certificate):
     # at most one line per node and kind per this many seconds, with the count held back.
     warning_period_seconds: float = 60.0
+    # Processes serving edges on the same ports (`serve --workers N`); 1: one process.
+    workers: int = 1
 
 
 @attrs.frozen
@@ -419,6 +422,8 @@ def validate(config: Config) -> list[str]:
         problems.append("must be >= 0 @ $.trioCloudHub.warningPeriodSeconds")
     if not 0 <= extra.drain_timeout_seconds <= 3600:
         problems.append("must be in [0, 3600] @ $.trioCloudHub.drainTimeoutSeconds")
+    if not 1 <= extra.workers <= MAX_WORKERS:
+        problems.append(f"must be in [1, {MAX_WORKERS}] @ $.trioCloudHub.workers")
     return problems
 
 

@@ -37,6 +37,8 @@ def quote(value: object) -> str:
 
 
 class KeyValueFormatter(logging.Formatter):
+    worker = ""  # `serve --workers N`: which worker process wrote the line
+
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         parts = [
@@ -45,6 +47,8 @@ class KeyValueFormatter(logging.Formatter):
             f"logger={record.name}",
             f"msg={quote(record.getMessage())}",
         ]
+        if self.worker:
+            parts.append(f"worker={self.worker}")
         for field in FIELDS:
             value = record.__dict__.get(field)
             if value not in (None, ""):
@@ -54,10 +58,13 @@ class KeyValueFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup_logging(level: int) -> None:
-    """Key=value lines on stderr at `level` (replaces any earlier set-up)."""
+def setup_logging(level: int, *, worker: str = "") -> None:
+    """Key=value lines on stderr at `level` (replaces any earlier set-up); `worker` adds a
+    `worker=` field to every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(KeyValueFormatter())
+    formatter = KeyValueFormatter()
+    formatter.worker = worker
+    handler.setFormatter(formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -304,6 +304,7 @@ async def serve_metrics(
     port: int = 9091,
     *,
     admin: AdminRoutes | None = None,
+    exposition: Exposition | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve `GET /metrics` over plain HTTP/1.1 forever; `task_status.started(port)` once bound.
@@ -311,21 +312,33 @@ async def serve_metrics(
     Plain HTTP on loopback by default, like CloudCore's monitor server. `admin` paths answer
     JSON, to loopback clients only (403 otherwise). Other paths get 404, other methods 405,
     a malformed or oversized request 400/413/431; one connection's bad input or a failing
-    collector never ends the server. OSError when it cannot listen.
+    collector never ends the server. OSError when it cannot listen. `exposition`, when
+    given, answers `/metrics` instead of `metrics` (the supervisor of `serve --workers N`).
     """
     listeners = await trio.open_tcp_listeners(port, host=host or None)
     bound: int = listeners[0].socket.getsockname()[1]
     limiter = trio.CapacityLimiter(MAX_CONNECTIONS)
     log.info("metrics server listening on %s:%d%s", host or "*", bound, METRICS_PATH)
     task_status.started(bound)
-    handler = partial(_serve_connection, _Routes(metrics, admin or {}), limiter)
+    answer = exposition if exposition is not None else _own(metrics)
+    handler = partial(_serve_connection, _Routes(answer, admin or {}), limiter)
     await trio.serve_listeners(handler, listeners)
     raise AssertionError("serve_listeners returned")  # pragma: no cover
 
 
+Exposition = Callable[[], Awaitable[bytes]]
+
+
+def _own(metrics: Metrics) -> Exposition:
+    async def exposition() -> bytes:
+        return metrics.exposition()
+
+    return exposition
+
+
 @attrs.frozen
 class _Routes:
-    metrics: Metrics
+    exposition: Exposition
     admin: AdminRoutes
 
 
@@ -403,7 +416,7 @@ async def _answer(routes: _Routes, request: h11.Request, loopback: bool) -> tupl
     if admin is not None:
         return await _answer_admin(path, admin, loopback)
     try:
-        return 200, CONTENT_TYPE_PLAIN_0_0_4, routes.metrics.exposition()
+        return 200, CONTENT_TYPE_PLAIN_0_0_4, await routes.exposition()
     except Exception:
         log.exception("collecting metrics failed")
         return 500, TEXT, b"collecting metrics failed\n"

@@ -53,6 +53,7 @@ from wsproto.utilities import LocalProtocolError
 from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.base import ConnectionHandler, EdgeDisconnected
 from trio_cloudhub.edge.tls import TlsTransport, detach_socket, server_context_options
+from trio_cloudhub.listen import open_tcp_listeners
 
 logger = logging.getLogger(__name__)
 
@@ -687,6 +688,7 @@ async def serve_websocket(
     write_timeout: float = 0.0,
     authenticate: Authenticate | None = None,
     on_handshake_failure: HandshakeFailed | None = None,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Accept WSS connections forever; run `handler` once per upgraded connection.
@@ -699,10 +701,11 @@ async def serve_websocket(
     `on_handshake_failure(reason)` hears of every connection that never reached `handler`.
     `write_timeout` > 0: the progress deadline of every connection (`bound_stalls`).
     `ssl_context` gets `edge.tls.server_context_options` (no tickets, no renegotiation).
+    `reuse_port`: SO_REUSEPORT, several processes on one port (`serve --workers N`).
     `task_status.started(port)` reports the bound port (useful with port 0).
     """
     server_context_options(ssl_context)
-    listeners = await trio.open_tcp_listeners(port, host=host or None)
+    listeners = await open_tcp_listeners(port, host or None, reuse_port=reuse_port)
     bound_port: int = listeners[0].socket.getsockname()[1]
     serve_one = partial(
         _serve_connection,

@@ -31,6 +31,7 @@ from trio_cloudhub.http.routes import (
     text,
 )
 from trio_cloudhub.http.tls import OpenSSLStream
+from trio_cloudhub.listen import open_tcp_listeners
 from trio_cloudhub.pki.token import TokenKeeper
 
 logger = logging.getLogger("trio_cloudhub.http")
@@ -69,6 +70,7 @@ async def serve_https(
     ready_check: Callable[[], bool] | None = None,
     nodes: NodeDirectory | None = None,
     clock: Callable[[], datetime] = utc_now,
+    reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `/ca.crt`, `/edge.crt`, `/readyz`, `/livez` (and `/node/{name}` when `nodes`
@@ -87,7 +89,9 @@ async def serve_https(
         nodes=nodes,
     )
     tls_context = credentials.https_tls_context()
-    listeners = await trio.open_tcp_listeners(hub.https.port, host=hub.https.address or None)
+    listeners = await open_tcp_listeners(
+        hub.https.port, hub.https.address or None, reuse_port=reuse_port
+    )
     port = int(listeners[0].socket.getsockname()[1])
     logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
     task_status.started(port)

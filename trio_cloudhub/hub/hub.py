@@ -31,6 +31,7 @@ from trio_cloudhub.core.message import (
 )
 from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
+from trio_cloudhub.hub.claims import Claims, SoleProcess
 from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.timers import Timers
@@ -110,9 +111,16 @@ class HubSettings:
 
 class Hub:
     def __init__(
-        self, settings: HubSettings, store: CloudStore, *, metrics: Metrics | None = None
+        self,
+        settings: HubSettings,
+        store: CloudStore,
+        *,
+        metrics: Metrics | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.settings = settings
+        # One session per node across the processes of `serve --workers N` (hub.claims).
+        self.claims: Claims = claims if claims is not None else SoleProcess()
         self.store = store
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.watch_hub(self)
@@ -326,6 +334,13 @@ class Hub:
             )
             await conn.aclose(refusal)
             return
+        grant = await self.claims.claim(node_id)
+        if not self.claims.holds(node_id, grant) or self.draining:
+            # Another worker took the node meanwhile (its edge connected again), or a drain.
+            reason = "hub shutting down" if self.draining else "replaced by a new connection"
+            self.claims.ended(node_id, grant)
+            await conn.aclose(reason)
+            return
         self.metrics.count_handshake(transport, "accepted")
         session = NodeSession(self, self.entry(node_id), conn, transport)
         previous = self.sessions.get(node_id)
@@ -358,6 +373,8 @@ class Hub:
                 self._abandon_volume_requests(node_id, "disconnected")
                 if not self.settings.queue_while_away:
                     self.nodes.pop(node_id, None)
+                self.claims.ended(node_id, grant)
+            session.finished.set()
             reason = session.end_reason or "closed"
             fields = {"node": node_id, "transport": transport, "remote": conn.remote}
             log.info(

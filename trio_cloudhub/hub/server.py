@@ -46,6 +46,7 @@ from trio_cloudhub.hub.admin import (
     remove_stale_admin_files,
     write_admin_file,
 )
+from trio_cloudhub.hub.claims import SoleProcess, WorkerLink
 from trio_cloudhub.hub.hub import Hub, HubSettings
 from trio_cloudhub.metrics import AdminRoutes, Metrics, parse_bind_address, serve_metrics
 from trio_cloudhub.pki.token import TokenKeeper
@@ -94,15 +95,23 @@ def with_advertise_default(config: Config) -> Config:
     return attrs.evolve(config, modules=attrs.evolve(config.modules, cloud_hub=hub))
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[ServeInfo]) -> None:
+async def serve(
+    config: Config,
+    *,
+    worker: WorkerLink | None = None,
+    task_status: trio.TaskStatus[ServeInfo],
+) -> None:
+    """The hub; `worker`: one worker process of `serve --workers N` (see `hub.supervisor`)."""
     config = with_advertise_default(config)
+    if worker is not None:
+        config = worker_config(config, worker.index)
     extra = config.trio_cloud_hub
     data_dir = Path(extra.data_dir)
     manifests_dir = Path(extra.manifests_dir or data_dir / "manifests")
     _warn_unimplemented(config)
     announced: list[Path] = []  # the admin file, removed at exit
     try:
-        await _serve(config, data_dir, manifests_dir, announced, task_status)
+        await _serve(config, data_dir, manifests_dir, announced, worker, task_status)
     finally:
         for path in announced:
             remove_admin_file(path)
@@ -113,14 +122,23 @@ async def _serve(
     data_dir: Path,
     manifests_dir: Path,
     announced: list[Path],
+    worker: WorkerLink | None,
     task_status: trio.TaskStatus[ServeInfo],
 ) -> None:
-    async with _open_cloud_side(config, data_dir, manifests_dir) as cloud:
-        hub = Hub(HubSettings.from_config(config), cloud.store)
+    shared = "" if worker is None else "leader" if worker.index == 0 else "follower"
+    async with _open_cloud_side(config, data_dir, manifests_dir, shared) as cloud:
+        settings = HubSettings.from_config(config)
+        if worker is not None:
+            # Another worker may serve a node meanwhile: reconciliation brings it up to date.
+            settings = attrs.evolve(settings, queue_while_away=False)
+        hub = Hub(settings, cloud.store, claims=worker)
         identity = HubIdentity.of_this_process(config.store_kind)
         admin = admin_routes(hub, cloud.pods, identity)
         ready = False
         async with trio.open_nursery() as root:
+            if worker is not None:
+                _link_worker(worker, hub, cloud.store)
+                await root.start(worker.run)
             root.start_soon(hub.dispatch_upstream)
             root.start_soon(hub.run_timers)
             await root.start(cloud.run_token_refresher)
@@ -131,8 +149,9 @@ async def _serve(
                     cloud.credentials,
                     cloud.tokens,
                     config,
-                    ready_check=lambda: ready,
+                    ready_check=lambda: ready and (worker is None or worker.all_ready),
                     nodes=cloud.store,
+                    reuse_port=worker is not None,
                 )
             )
             metrics_port = await _start_metrics(root, hub.metrics, config, admin)
@@ -148,6 +167,9 @@ async def _serve(
             ready = True
             if metrics_port and config.trio_cloud_hub.data_dir:
                 announced.extend(_announce(data_dir, config, metrics_port, identity))
+            if worker is not None:
+                ports = {"websocket": websocket_port, "https": https_port, "quic": quic_port}
+                await worker.ready({**ports, "metrics": metrics_port})
             task_status.started(
                 ServeInfo(
                     websocket_port=websocket_port,
@@ -176,7 +198,7 @@ class _CloudSide:
 
 @asynccontextmanager
 async def _open_cloud_side(
-    config: Config, data_dir: Path, manifests_dir: Path
+    config: Config, data_dir: Path, manifests_dir: Path, shared: str = ""
 ) -> AsyncIterator[_CloudSide]:
     if config.store_kind == "kube":
         async with _open_kube_side(config) as side:
@@ -185,7 +207,10 @@ async def _open_cloud_side(
     credentials = await trio.to_thread.run_sync(prepare_credentials, config, data_dir)
     tokens = new_token_keeper(credentials, config)
     store = LocalStore(
-        data_dir, manifests_dir, poll_interval=config.trio_cloud_hub.manifests_poll_interval
+        data_dir,
+        manifests_dir,
+        poll_interval=config.trio_cloud_hub.manifests_poll_interval,
+        shared=shared,
     )
     refresher = partial(run_token_refresher, tokens, data_dir)
     yield _CloudSide(store, credentials, tokens, refresher, partial(local_pod_items, data_dir))
@@ -226,8 +251,42 @@ async def _serve_edges(
         write_timeout=float(config.cloud_hub.write_timeout),
         authenticate=hub.authenticate,
         on_handshake_failure=partial(hub.metrics.count_handshake, "websocket"),
+        reuse_port=not isinstance(hub.claims, SoleProcess),
         task_status=task_status,
     )
+
+
+def worker_config(config: Config, index: int) -> Config:
+    """A worker's view of the configuration: its metrics (and admin) server on a free
+    loopback port (the supervisor answers the configured one); QUIC and the CSI socket in
+    worker 0 only (one UDP socket per port keeps QUIC's connections whole)."""
+    common = config.common_config
+    monitor = attrs.evolve(common.monitor_server, bind_address="127.0.0.1:0")
+    hub = config.cloud_hub
+    if index:
+        hub = attrs.evolve(
+            hub,
+            quic=attrs.evolve(hub.quic, enable=False),
+            unixsocket=attrs.evolve(hub.unixsocket, enable=False),
+        )
+    return attrs.evolve(
+        config,
+        common_config=attrs.evolve(common, monitor_server=monitor),
+        modules=attrs.evolve(config.modules, cloud_hub=hub),
+    )
+
+
+def _link_worker(worker: WorkerLink, hub: Hub, store: CloudStore) -> None:
+    """What the supervisor link does to this process's hub and store."""
+    worker.hub = hub
+    if isinstance(store, LocalStore):
+        worker.flush = store.flush
+        worker.reload_node = store.reload_node
+        worker.on_objects = store.shared_changed
+        store.on_shared_write = worker.objects_written
+    elif isinstance(store, KubeStore):
+        # Ack points are ObjectSyncs every worker's informer sees: write ours out first.
+        worker.flush = store.acks.wait_written
 
 
 async def _start_metrics(

@@ -72,6 +72,7 @@ class NodeSession(NodeSessionHandle):
         self.node_id = entry.node_id
         self.transport = transport
         self._settings = hub.settings
+        self.finished = trio.Event()  # the hub's bookkeeping of its end is done
         self._tracing = log.isEnabledFor(logging.DEBUG)  # -v=4: every message, by route
         self._delivery: Delivery | None = None
         self._frame = ""  # the in-flight message as sent (a retransmission sends it again)

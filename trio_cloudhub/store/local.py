@@ -123,6 +123,7 @@ ACK_FLUSH_BATCH = 500
 ACK_RETRY_DELAY = 1.0
 FINAL_FLUSH_TIMEOUT = 5.0
 MAX_REPORTS_PER_NODE = 10_000
+SHARED_POLL = 5.0  # a follower looks for objects written by the leader at least this often
 WATCH_DEBOUNCE = 0.02  # after the first change notification, before the scan
 WATCHED_POLL_FACTOR = 20  # fallback poll with inotify: poll_interval times this ...
 WATCHED_POLL_MIN = 5.0  # ... but at least this (seconds)
@@ -162,8 +163,15 @@ class LocalStore:
         *,
         poll_interval: float = 1.0,
         watch: bool = True,
+        shared: str = "",
     ) -> None:
         self.data_dir = Path(data_dir)
+        # One of several processes on this data directory (`serve --workers N`): "leader"
+        # follows the manifests folder and writes objects, a "follower" reloads what the
+        # leader wrote when told (`shared_changed`, or every SHARED_POLL seconds).
+        self.shared = shared
+        self.on_shared_write: Callable[[], None] = lambda: None
+        self._shared_wakeup = trio.Event()
         self.manifests_dir = Path(manifests_dir)
         self.poll_interval = poll_interval
         self.watch = watch  # use inotify when available (see the module docstring)
@@ -250,10 +258,15 @@ class LocalStore:
         await self.open()
         try:
             # Watching before the first scan: a change during the initial sync is not missed.
-            with folder_watch(self.manifests_dir, enabled=self.watch) as watch:
+            with folder_watch(self.manifests_dir, enabled=self._watches_folder) as watch:
                 self._fs_type = await trio.to_thread.run_sync(filesystem_type, self.manifests_dir)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._flush_acks_forever)
+                    if self.shared:
+                        nursery.start_soon(self._follow_forever, deliver)
+                    if self.shared == "follower":
+                        task_status.started()  # the leader synced the folder before
+                        await trio.sleep_forever()
                     await self._sync(deliver, initial=True)
                     task_status.started()
                     while True:
@@ -265,6 +278,10 @@ class LocalStore:
             else:
                 with trio.move_on_after(FINAL_FLUSH_TIMEOUT, shield=True):
                     await self._flush_acks()
+
+    @property
+    def _watches_folder(self) -> bool:
+        return self.watch and self.shared != "follower"
 
     @property
     def watched_poll_interval(self) -> float:
@@ -332,12 +349,86 @@ class LocalStore:
             if self._write_failing:
                 log.info("store database: writing objects works again")
                 self._write_failing = False
+            self.on_shared_write()
         deliveries = self._plan(change, initial=initial)
         self._objects, self._rv = change.objects, change.rv
         self._files, self._stamps = files, stamps
         self.change_lag.sending()
         await self._send(deliver, deliveries)
         self.change_lag.handed_over()
+
+    # --- several processes on one data directory -------------------------------------------
+
+    def shared_changed(self) -> None:
+        """Another process wrote objects or joined nodes: reload them soon."""
+        self._shared_wakeup.set()
+
+    async def _follow_forever(self, deliver: Deliver) -> None:
+        while True:
+            with trio.move_on_after(SHARED_POLL):
+                await self._shared_wakeup.wait()
+            self._shared_wakeup = trio.Event()
+            try:
+                await self._reload_shared(deliver)
+            except StoreError as exc:
+                log.warning("%s; retrying in %g s", exc, SHARED_POLL)
+
+    async def _reload_shared(self, deliver: Deliver) -> None:
+        joined = await self._db_call(self._db.read_joined)
+        self._joined.update(joined)
+        if self.shared != "follower":
+            return
+        counter, newer, keys = await self._db_call(self._db.read_objects_after, self._rv)
+        change = self._change_from(counter, newer, keys)
+        if change is None:
+            return
+        self.change_lag.seen()
+        deliveries = self._plan(change, initial=False)
+        self._objects, self._rv = change.objects, change.rv
+        self.change_lag.sending()
+        await self._send(deliver, deliveries)
+        self.change_lag.handed_over()
+
+    def _change_from(
+        self, counter: int, newer: dict[ObjectKey, StoredObject], keys: set[ObjectKey]
+    ) -> _Change | None:
+        """The leader's committed change, seen from here; None when nothing changed."""
+        gone = sorted((key for key in self._objects if key not in keys), key=_order)
+        if not newer and not gone:
+            self._rv = max(self._rv, counter)
+            return None
+        objects = {key: obj for key, obj in self._objects.items() if key in keys}
+        changed = {
+            obj.uid
+            for key, obj in newer.items()
+            if key in self._objects and self._objects[key].manifest != obj.manifest
+        }
+        removed = {self._objects[key].uid: _final(self._objects[key], counter) for key in gone}
+        objects.update(newer)
+        rv = max([counter, self._rv, *(obj.rv for obj in newer.values())])
+        return _Change(
+            objects=objects,
+            upserts=list(newer.values()),
+            changed=changed,
+            removed=removed,
+            dirty=set(newer) | set(gone),
+            rv=rv,
+        )
+
+    async def reload_node(self, node_id: str) -> None:
+        """This process serves `node_id` now: its ack points as the last process wrote them."""
+        await self._flush_acks()
+        points = await self._db_call(self._db.read_node_acks, node_id)
+        if points:
+            self._acks[node_id] = points
+        else:
+            self._acks.pop(node_id, None)
+        self._ack_changes[node_id] = self._ack_changes.get(node_id, 0) + 1
+
+    async def flush(self) -> None:
+        """Write every pending ack point and node record now (before another process serves
+        one of this process's nodes)."""
+        await self._flush_acks()
 
     # --- the folder -------------------------------------------------------------------------
 
@@ -656,6 +747,7 @@ class LocalStore:
             joined = now_ms()
             await self._db_call(self._db.write_joined, name, joined)
             self._joined[name] = joined
+            self.on_shared_write()
 
     # --- node records (get nodes) -----------------------------------------------------------
 

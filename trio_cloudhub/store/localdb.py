@@ -175,6 +175,40 @@ class Database:
             node_reports=_node_report_summaries(conn),
         )
 
+    def read_joined(self) -> dict[str, int]:
+        conn = self._connection()
+        with _translated("reading joined nodes"):
+            return dict(conn.execute("SELECT name, joined_ms FROM joined_nodes"))
+
+    def read_node_acks(self, node: str) -> dict[str, AckPoint]:
+        """The ack points of `node` as written (by any process of the data directory)."""
+        conn = self._connection()
+        query = "SELECT uid, resource_version, resource FROM ack_points WHERE node = ?"
+        with _translated("reading ack points"):
+            return {uid: AckPoint(str(rv), res) for uid, rv, res in conn.execute(query, (node,))}
+
+    def read_objects_after(
+        self, rv: int
+    ) -> tuple[int, dict[ObjectKey, StoredObject], set[ObjectKey]]:
+        """What another process committed: the counter, objects newer than `rv`, every key."""
+        conn = self._connection()
+        with _translated("reading objects"), _snapshot(conn):
+            row = conn.execute("SELECT value FROM meta WHERE key = 'resource_version'").fetchone()
+            counter = int(row[0]) if row else 0
+            query = "SELECT kind, namespace, name, uid, resource_version, body, manifest, source"
+            newer: dict[ObjectKey, StoredObject] = {}
+            for record in conn.execute(query + " FROM objects WHERE resource_version > ?", (rv,)):
+                obj = _object_from_row(record)
+                if obj is not None:
+                    newer[obj.key] = obj
+            keys = {
+                ObjectKey(kind, namespace, name)
+                for kind, namespace, name in conn.execute(
+                    "SELECT kind, namespace, name FROM objects"
+                )
+            }
+        return counter, newer, keys
+
     def write_objects(
         self, upserts: Sequence[StoredObject], deletes: Sequence[ObjectKey], rv: int
     ) -> None:
@@ -237,6 +271,17 @@ class Database:
         if self._conn is None:
             raise StoreError("store database is not open")
         return self._conn
+
+
+@contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """A read transaction: one consistent view, no write lock."""
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
 
 
 @contextmanager
