@@ -30,7 +30,7 @@ from trio_cloudhub.config import (
 )
 from trio_cloudhub.http.certs_store import CredentialsError, current_token
 from trio_cloudhub.http.kube_credentials import stored_kube_token
-from trio_cloudhub.hub.claims import WorkerLink
+from trio_cloudhub.hub.claims import SupervisorGone, WorkerLink
 from trio_cloudhub.hub.server import ServeInfo, serve
 from trio_cloudhub.hub.supervisor import Supervisor
 from trio_cloudhub.logs import level_for, setup_logging
@@ -206,7 +206,11 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
         try:
             trio.run(_serve_worker, config, index, fd)
         except BaseExceptionGroup as group:
-            raise _single_failure(group) from None
+            failure = _single_failure(group)
+            if isinstance(failure, SupervisorGone):
+                log.error("worker %d: %s", index, failure)
+                return 1
+            raise failure from None
         return 0
     setup_logging(level)
     raise_open_files_limit(config.cloud_hub.node_limit)
@@ -265,7 +269,7 @@ def raise_open_files_limit(node_limit: int) -> int:
 def _single_failure(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """A start-up failure the user should read plainly, out of trio's exception groups."""
     leaves = _leaves(group)
-    expected = (ConfigError, CredentialsError, StoreError, OSError)
+    expected = (ConfigError, CredentialsError, StoreError, OSError, SupervisorGone)
     return next((exc for exc in leaves if isinstance(exc, expected)), group)
 
 

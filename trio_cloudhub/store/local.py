@@ -682,6 +682,10 @@ class LocalStore:
         in another; False (logged, kept for the next flush) when either failed."""
         batch, self._pending_acks = self._pending_acks, {}
         records, self._pending_records = self._pending_records, {}
+        # Set the events being replaced: a flush of `reload_node`/`flush` may run while the
+        # background flusher waits on them, which then finds its batch gone and waits anew.
+        self._ack_wakeup.set()
+        self._ack_batch_full.set()
         self._ack_wakeup, self._ack_batch_full = trio.Event(), trio.Event()
         self._writing_acks = batch
         try:
