@@ -18,6 +18,7 @@ Environment (optional, for profiling the hub):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -69,6 +70,7 @@ modules:
 trioCloudHub:
   manifestsPollInterval: {poll}
   logLevel: WARNING
+  workers: {workers}
 """
 POD = """\
 apiVersion: v1
@@ -143,12 +145,24 @@ class Cpu:
     def __sub__(self, other: Cpu) -> Cpu:
         return Cpu(self.user - other.user, self.system - other.system)
 
+    def __add__(self, other: Cpu) -> Cpu:
+        return Cpu(self.user + other.user, self.system + other.system)
+
     def figures(self, prefix: str) -> dict[str, float]:
         return {
             f"{prefix}_s": round(self.total, 3),
             f"{prefix}_user_s": round(self.user, 3),
             f"{prefix}_sys_s": round(self.system, 3),
         }
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (Linux: /proc/<pid>/task/*/children)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
 
 
 def socket_inodes(pid: int) -> set[str]:
@@ -239,8 +253,11 @@ async def is_plain_http(port: int) -> bool:
 
 
 class Hub:
-    def __init__(self, root: Path, edges: int, transport: str = "websocket") -> None:
+    def __init__(
+        self, root: Path, edges: int, transport: str = "websocket", workers: int = 1
+    ) -> None:
         self.root = root
+        self.workers = workers
         self.transport = transport
         self.config = root / "cloudcore.yaml"
         self.data_dir = root / "data"
@@ -260,6 +277,7 @@ class Hub:
                 pki=root / "no-pki",
                 poll=POLL_INTERVAL,
                 quic=quic,
+                workers=workers,
             )
         )
 
@@ -267,6 +285,22 @@ class Hub:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+    def pids(self) -> list[int]:
+        """The hub's processes: `serve`, and its workers with `--workers N`."""
+        return [self.pid, *children(self.pid)]
+
+    def cpu(self) -> Cpu:
+        """CPU time summed over every process of the hub (living ones: a worker that was
+        restarted takes its old time with it, which the bench never does)."""
+        total = Cpu(0.0, 0.0)
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                total = total + Cpu.of(pid)
+        return total
+
+    def rss_kb(self) -> int:
+        return sum(rss_kb(pid) for pid in self.pids())
 
     @property
     def edge_port(self) -> int:
@@ -302,7 +336,10 @@ class Hub:
             while True:
                 if self.process.poll() is not None:
                     raise RuntimeError(f"hub exited early:\n{self.log_path.read_text()}")
-                ports = listening_ports(self.pid)
+                ports: set[int] = set()
+                for pid in self.pids():
+                    with contextlib.suppress(OSError):  # a process that just exited
+                        ports |= listening_ports(pid)
                 if len(ports) >= 2 and not self.https_port:
                     for port in sorted(ports):
                         if await is_https_ready(port):
@@ -529,8 +566,12 @@ async def stop_workers(workers: Sequence[Worker]) -> list[dict[str, Any]]:
 RESULTS: list[dict[str, Any]] = []  # every line emitted, for --output
 
 
+HUB_WORKERS = [1]  # `serve --workers N` of the current run
+
+
 def emit(figures: dict[str, Any]) -> None:
-    line = {**figures, "load_average": load_average(), "machine": machine()}
+    line = {**figures, "hub_workers": HUB_WORKERS[0], "load_average": load_average()}
+    line["machine"] = machine()
     RESULTS.append(line)
     print(json.dumps(line), flush=True)
 
@@ -564,7 +605,7 @@ class Bench:
         self.baseline: dict[str, Any] = {}
 
     def cpu(self) -> Cpu:
-        return Cpu.of(self.hub.pid)
+        return self.hub.cpu()
 
     def udp_drops(self) -> int:
         return udp_drops(self.hub.pid) if self.transport == "quic" else 0
@@ -578,7 +619,7 @@ class Bench:
     async def measure_baseline(self, with_cpu: bool) -> None:
         """Hub RSS before any edge, and its idle CPU with no edge and nothing changing."""
         await trio.sleep(SETTLE)
-        self.rss_before = rss_kb(self.hub.pid)
+        self.rss_before = self.hub.rss_kb()
         if not with_cpu:
             return
         window = self.args.idle_no_edges_seconds
@@ -641,7 +682,7 @@ class Bench:
         return events
 
     async def idle(self, synced: Sequence[dict[str, Any]]) -> None:
-        rss_after = rss_kb(self.hub.pid)
+        rss_after = self.hub.rss_kb()
         seconds = self.args.idle_seconds
         log(f"idle for {seconds} s")
         sent_before = sum(event["keepalives"] for event in await counts(self.workers))
@@ -830,7 +871,8 @@ async def run_transport(args: argparse.Namespace, transport: str) -> None:
     # A bound on the fleet processes' lives: they stop by themselves after this.
     fleet_lifetime = 240.0 + args.idle_seconds + n / 10 + args.fanout_rounds * (5 + n / 200)
     with tempfile.TemporaryDirectory(prefix=f"cloudhub-bench-{transport}-") as folder:
-        hub = Hub(Path(folder), n, transport)
+        hub = Hub(Path(folder), n, transport, args.workers)
+        HUB_WORKERS[0] = args.workers
         hub.write_manifests(n)
         workers: list[Worker] = []
         try:
@@ -838,7 +880,7 @@ async def run_transport(args: argparse.Namespace, transport: str) -> None:
                 await hub.start()
                 quic = f", quic {hub.quic_port} (udp)" if hub.quic_port else ""
                 log(
-                    f"hub pid {hub.pid}: websocket {hub.websocket_port}, https {hub.https_port}"
+                    f"hub pids {hub.pids()}: websocket {hub.websocket_port}, https {hub.https_port}"
                     f"{quic}; the fleet connects over {transport}"
                 )
                 token = await hub.token()
@@ -953,6 +995,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=float,
         default=KEEPALIVE,
         help="seconds between an edge's keepalives (EdgeCore: 15; shorter to profile idle)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the hub's `serve --workers N` (CPU and memory are summed over its processes)",
     )
     parser.add_argument("--output", help="also write the whole run as one JSON document here")
     args = parser.parse_args(argv)

@@ -97,6 +97,7 @@ class WorkerLink:
         self._waiting: dict[int, trio.Event] = {}
         self._abandoned: set[int] = set()  # claims whose connection went before the grant
         self._granted: dict[str, int] = {}  # node -> grant id
+        self._releases: dict[str, int] = {}  # node -> releases asked of this worker
         self._nursery: trio.Nursery | None = None
         self.all_ready = False  # every worker of the hub is ready (the supervisor says)
         self.hub: Hub | None = None
@@ -110,6 +111,8 @@ class WorkerLink:
 
     async def claim(self, node_id: str) -> int:
         grant = next(self._ids)
+        # Held here all along (a reconnect to the same worker): its ack points are ours.
+        kept = node_id in self._granted, self._releases.get(node_id, 0)
         done = self._waiting[grant] = trio.Event()
         try:
             await self._send("claim", node_id, grant)
@@ -122,7 +125,8 @@ class WorkerLink:
             raise
         finally:
             self._waiting.pop(grant, None)
-        await self.reload_node(node_id)
+        if kept != (True, self._releases.get(node_id, 0)):
+            await self.reload_node(node_id)
         return grant
 
     def holds(self, node_id: str, grant: int) -> bool:
@@ -178,6 +182,7 @@ class WorkerLink:
     async def _release(self, node_id: str, request: int) -> None:
         """End the node's session here, make its ack points durable, then say so."""
         self._granted.pop(node_id, None)
+        self._releases[node_id] = self._releases.get(node_id, 0) + 1
         session = self.hub.sessions.get(node_id) if self.hub is not None else None
         if session is not None:
             session.end("replaced by a new connection")
