@@ -302,7 +302,11 @@ async def _supervise(config: Config, argv: Sequence[str]) -> int:
     """`serve --workers N`: start the workers, serve the metrics port, forward signals."""
     count = config.trio_cloud_hub.workers
     command = [sys.executable, "-m", "trio_cloudhub", *argv]
-    supervisor = Supervisor(lambda index, fd: [*command, "--worker", f"{index}:{fd}"], count)
+    supervisor = Supervisor(
+        lambda index, fd: [*command, "--worker", f"{index}:{fd}"],
+        count,
+        node_limit=config.cloud_hub.node_limit,
+    )
     async with trio.open_nursery() as nursery:
 
         async def supervise(*, task_status: trio.TaskStatus[dict[str, int]]) -> None:

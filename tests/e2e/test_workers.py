@@ -368,3 +368,34 @@ async def wait_sessions(hub: HubProcess, node: str, count: int) -> list[str]:
             if len(found) >= count:
                 return found
             await trio.sleep(0.02)
+
+
+async def test_the_node_limit_holds_for_the_hub_as_a_whole(tmp_path: Path) -> None:
+    """nodeLimit 3 with two workers: three nodes get sessions however the kernel spreads
+    them, the others are refused with the limit's reason and retry."""
+    names = [f"edge-{index}" for index in range(5)]
+    with trio.fail_after(60):
+        hub = HubProcess(tmp_path / "hub", cloud_hub={"nodeLimit": 3}, trio_cloud_hub=WORKERS)
+        async with started(hub), trio.open_nursery() as nursery:
+            identity = await bootstrap(HOST, hub.https_port, await hub.token(), "fleet")
+            context = identity.client_ssl_context()
+            cores = [SimEdgeCore(name, context, port=hub.websocket_port) for name in names]
+            for core in cores:
+                nursery.start_soon(core.run)
+
+            async def three_connected_two_refused() -> bool:
+                refused = {
+                    name
+                    for name in names
+                    if f"refused node {name} from" in hub.log_text()
+                    and "node limit: 3 nodes connected" in hub.log_text()
+                }
+                return sum(core.connected for core in cores) == 3 and len(refused) >= 2
+
+            await wait_for(three_connected_two_refused, 20, "3 connected, 2 refused")
+            await trio.sleep(1.0)  # the refused ones kept retrying meanwhile
+            assert sum(core.connected for core in cores) == 3
+            items = [item for item in await nodes(hub) if item["status"] == "Connected"]
+            assert len(items) == 3, items
+            assert "node limit: 3 nodes connected" in hub.log_text()
+            nursery.cancel_scope.cancel()

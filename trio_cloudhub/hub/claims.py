@@ -29,9 +29,14 @@ MAX_LINE = 64 * 1024  # a line names a node and a few numbers
 SESSION_END_TIMEOUT = 4.0  # a released session's end; the supervisor waits 5 s in all
 
 
+class ClaimRefused(Exception):
+    """The hub may not serve the node now (its node limit); the text says why."""
+
+
 class Claims(Protocol):
     async def claim(self, node_id: str) -> int:
-        """Until this process may serve `node_id`; the grant's id."""
+        """Until this process may serve `node_id`; the grant's id. ClaimRefused when the
+        hub as a whole may not serve it."""
 
     def holds(self, node_id: str, grant: int) -> bool:
         """Whether `grant` still stands (a later claim elsewhere may have taken it back)."""
@@ -98,6 +103,7 @@ class WorkerLink:
         self._abandoned: set[int] = set()  # claims whose connection went before the grant
         self._granted: dict[str, int] = {}  # node -> grant id
         self._releases: dict[str, int] = {}  # node -> releases asked of this worker
+        self._refused: dict[int, str] = {}  # claim -> why the supervisor refused it
         self._nursery: trio.Nursery | None = None
         self.all_ready = False  # every worker of the hub is ready (the supervisor says)
         self.hub: Hub | None = None
@@ -125,6 +131,9 @@ class WorkerLink:
             raise
         finally:
             self._waiting.pop(grant, None)
+        refusal = self._refused.pop(grant, None)
+        if refusal is not None:
+            raise ClaimRefused(refusal)
         if kept != (True, self._releases.get(node_id, 0)):
             await self.reload_node(node_id)
         return grant
@@ -167,6 +176,15 @@ class WorkerLink:
                 self._send_soon("end", node_id, grant)
                 return
             self._granted[node_id] = grant
+            waiter = self._waiting.get(grant)
+            if waiter is not None:
+                waiter.set()
+        elif kind == "refused":
+            grant = int(fields[2])
+            if grant in self._abandoned:
+                self._abandoned.discard(grant)
+                return
+            self._refused[grant] = str(fields[3])
             waiter = self._waiting.get(grant)
             if waiter is not None:
                 waiter.set()

@@ -31,7 +31,7 @@ from trio_cloudhub.core.message import (
 )
 from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
-from trio_cloudhub.hub.claims import Claims, SoleProcess
+from trio_cloudhub.hub.claims import ClaimRefused, Claims, SoleProcess
 from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.timers import Timers
@@ -318,6 +318,11 @@ class Hub:
     async def _handle_connection(self, conn: EdgeConnection, transport: str) -> None:
         node_id = conn.node_id
         code, refusal = self._refusal(node_id)
+        if not refusal:
+            try:
+                grant = await self.claims.claim(node_id)
+            except ClaimRefused as exc:  # the hub-wide node limit of `serve --workers N`
+                code, refusal = "node-limit", str(exc)
         if refusal:
             self.stats[f"refused:{refusal.split(':')[0]}"] += 1
             self.metrics.count_handshake(transport, f"refused:{code}")
@@ -334,7 +339,6 @@ class Hub:
             )
             await conn.aclose(refusal)
             return
-        grant = await self.claims.claim(node_id)
         if not self.claims.holds(node_id, grant) or self.draining:
             # Another worker took the node meanwhile (its edge connected again), or a drain.
             reason = "hub shutting down" if self.draining else "replaced by a new connection"

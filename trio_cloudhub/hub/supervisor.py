@@ -5,11 +5,11 @@ syncs the manifests folder into SQLite: the other workers load what it wrote), t
 others; each worker binds the WebSocket and HTTPS ports with SO_REUSEPORT, so the kernel
 spreads the edges over them. The supervisor
 
-- grants nodes (`hub.claims`): a worker claims a node before its session starts; a node held
-  by another worker is released there first (that session ends as "replaced by a new
-  connection", the worker writes its ack points, answers), at most `release_timeout`
-  seconds (then the claim is granted anyway, with a warning). A worker's death frees its
-  nodes;
+- grants nodes (`hub.claims`), at most `nodeLimit` in all workers together: a worker
+  claims a node before its session starts; a node held by another worker is released there
+  first (that session ends as "replaced by a new connection", the worker writes its ack
+  points, answers), at most `release_timeout` seconds (then the claim is granted anyway,
+  with a warning). A worker's death frees its nodes;
 - says when every worker is ready (each worker's `/readyz` answers ok only then);
 - passes "objects changed" from the embedded store's leader (worker 0) to the others;
 - restarts a worker that exits (after `restart_delay`); one that fails before it was ever
@@ -71,8 +71,10 @@ class Supervisor:
         *,
         release_timeout: float = RELEASE_TIMEOUT,
         restart_delay: float = RESTART_DELAY,
+        node_limit: int = 0,
     ) -> None:
         self._command = command
+        self.node_limit = node_limit  # sessions in all workers together; 0: no limit
         self.count = count
         self.release_timeout = release_timeout
         self.restart_delay = restart_delay
@@ -230,6 +232,10 @@ class Supervisor:
     async def _grant(self, life: _Lifetime, node: str, grant: int) -> None:
         async with self._node_lock(node):
             holder = self.owners.get(node)
+            if holder is None and self.node_limit and len(self.owners) >= self.node_limit:
+                reason = f"node limit: {self.node_limit} nodes connected"
+                await self._send(life, "refused", node, grant, reason)
+                return
             if holder is not None and holder[0] is not life and holder[0].alive:
                 await self._release(holder[0], node, life.index)
             if not life.alive:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -123,7 +124,7 @@ ACK_FLUSH_BATCH = 500
 ACK_RETRY_DELAY = 1.0
 FINAL_FLUSH_TIMEOUT = 5.0
 MAX_REPORTS_PER_NODE = 10_000
-SHARED_POLL = 5.0  # a follower looks for objects written by the leader at least this often
+SHARED_RETRY = 1.0  # after a failed reload of what another process wrote
 WATCH_DEBOUNCE = 0.02  # after the first change notification, before the scan
 WATCHED_POLL_FACTOR = 20  # fallback poll with inotify: poll_interval times this ...
 WATCHED_POLL_MIN = 5.0  # ... but at least this (seconds)
@@ -168,7 +169,7 @@ class LocalStore:
         self.data_dir = Path(data_dir)
         # One of several processes on this data directory (`serve --workers N`): "leader"
         # follows the manifests folder and writes objects, a "follower" reloads what the
-        # leader wrote when told (`shared_changed`, or every SHARED_POLL seconds).
+        # leader wrote when told (`shared_changed`, the supervisor passes the leader's notice).
         self.shared = shared
         self.on_shared_write: Callable[[], None] = lambda: None
         self._shared_wakeup = trio.Event()
@@ -364,14 +365,20 @@ class LocalStore:
         self._shared_wakeup.set()
 
     async def _follow_forever(self, deliver: Deliver) -> None:
+        """Reload when told (nothing to do costs nothing); after a failure, every
+        SHARED_RETRY seconds until a reload works."""
+        failed = False
         while True:
-            with trio.move_on_after(SHARED_POLL):
+            with trio.move_on_after(SHARED_RETRY if failed else math.inf):
                 await self._shared_wakeup.wait()
             self._shared_wakeup = trio.Event()
             try:
                 await self._reload_shared(deliver)
             except StoreError as exc:
-                log.warning("%s; retrying in %g s", exc, SHARED_POLL)
+                log.warning("%s; retrying in %g s", exc, SHARED_RETRY)
+                failed = True
+            else:
+                failed = False
 
     async def _reload_shared(self, deliver: Deliver) -> None:
         joined = await self._db_call(self._db.read_joined)
