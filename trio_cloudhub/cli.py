@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
+import attrs
 import trio
 
 from trio_cloudhub.cli_get import OUTPUTS, HubNotReachable, get
@@ -201,10 +202,10 @@ modules:
 def _serve(config: Config, args: argparse.Namespace) -> int:
     level = level_for(args.verbosity, config.trio_cloud_hub.log_level)
     if args.worker:
-        index, fd = _worker_flag(args.worker)
+        index, fd, ports = _worker_flag(args.worker)
         setup_logging(level, worker=str(index))
         try:
-            trio.run(_serve_worker, config, index, fd)
+            trio.run(_serve_worker, _with_ports(config, ports), index, fd)
         except BaseExceptionGroup as group:
             failure = _single_failure(group)
             if isinstance(failure, SupervisorGone):
@@ -279,11 +280,33 @@ def _leaves(exc: BaseException) -> list[BaseException]:
     return [exc]
 
 
-def _worker_flag(text: str) -> tuple[int, int]:
-    index, _, fd = text.partition(":")
-    if not (index.isdigit() and fd.isdigit()):
-        raise ConfigError(f"--worker must be INDEX:FD, not {text!r}")
-    return int(index), int(fd)
+def _worker_flag_text(index: int, fd: int, ports: dict[str, int]) -> str:
+    """INDEX:FD[:WEBSOCKET:HTTPS:QUIC] (the ports the first worker bound, when known)."""
+    if not ports:
+        return f"{index}:{fd}"
+    return f"{index}:{fd}:{ports['websocket']}:{ports['https']}:{ports.get('quic', 0)}"
+
+
+def _worker_flag(text: str) -> tuple[int, int, tuple[int, ...]]:
+    parts = text.split(":")
+    if len(parts) not in (2, 5) or not all(part.isdigit() for part in parts):
+        raise ConfigError(f"--worker must be INDEX:FD[:WS:HTTPS:QUIC], not {text!r}")
+    return int(parts[0]), int(parts[1]), tuple(int(part) for part in parts[2:])
+
+
+def _with_ports(config: Config, ports: tuple[int, ...]) -> Config:
+    """The ports the supervisor says (a configured port 0 means one port for all workers)."""
+    if not ports:
+        return config
+    websocket, https, quic = ports
+    hub = config.cloud_hub
+    hub = attrs.evolve(
+        hub,
+        websocket=attrs.evolve(hub.websocket, port=websocket),
+        https=attrs.evolve(hub.https, port=https),
+        quic=attrs.evolve(hub.quic, port=quic or hub.quic.port),
+    )
+    return attrs.evolve(config, modules=attrs.evolve(config.modules, cloud_hub=hub))
 
 
 async def _serve_worker(config: Config, index: int, fd: int) -> None:
@@ -303,7 +326,7 @@ async def _supervise(config: Config, argv: Sequence[str]) -> int:
     count = config.trio_cloud_hub.workers
     command = [sys.executable, "-m", "trio_cloudhub", *argv]
     supervisor = Supervisor(
-        lambda index, fd: [*command, "--worker", f"{index}:{fd}"],
+        lambda index, fd, ports: [*command, "--worker", _worker_flag_text(index, fd, ports)],
         count,
         node_limit=config.cloud_hub.node_limit,
     )

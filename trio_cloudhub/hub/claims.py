@@ -135,7 +135,11 @@ class WorkerLink:
         if refusal is not None:
             raise ClaimRefused(refusal)
         if kept != (True, self._releases.get(node_id, 0)):
-            await self.reload_node(node_id)
+            try:
+                await self.reload_node(node_id)
+            except BaseException:
+                self.ended(node_id, grant)  # no session will end it
+                raise
         return grant
 
     def holds(self, node_id: str, grant: int) -> bool:

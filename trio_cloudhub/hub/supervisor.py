@@ -42,8 +42,9 @@ SCRAPE_TIMEOUT = 5.0
 MAX_SCRAPE_BYTES = 64 * 1024 * 1024
 SCRAPE_REQUEST = b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
-WorkerCommand = Callable[[int, int], Sequence[str]]
-"""The command line of worker `index` whose supervisor link is file descriptor `fd`."""
+WorkerCommand = Callable[[int, int, dict[str, int]], Sequence[str]]
+"""The command line of worker `index` whose supervisor link is file descriptor `fd`, to
+listen on `ports` (worker 0's, once known: a port 0 in the configuration is picked once)."""
 
 
 class WorkerFailed(Exception):
@@ -85,6 +86,7 @@ class Supervisor:
         self._all_ready = False
         self._ready_changed = trio.Event()
         self.stopping = False
+        self.ports: dict[str, int] = {}  # worker 0's first lifetime bound these
         self.restarts = 0
         self.forced_grants = 0  # a holder did not answer a release in time
 
@@ -151,7 +153,7 @@ class Supervisor:
     async def _run_worker(self, index: int) -> tuple[_Lifetime, int]:
         ours, theirs = socket.socketpair()
         try:
-            command = list(self._command(index, theirs.fileno()))
+            command = list(self._command(index, theirs.fileno(), self.ports))
             process = await trio.lowlevel.open_process(command, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
@@ -220,6 +222,8 @@ class Supervisor:
                 done.set()
         elif kind == "ready":
             life.ports = {str(key): int(value) for key, value in dict(fields[1]).items()}
+            if not self.ports:
+                self.ports = dict(life.ports)
             log.info("worker %d ready (pid %d)", life.index, life.process.pid)
             self._readiness_changed()
             if self._all_ready:
