@@ -299,6 +299,14 @@ class Hub:
                 total = total + Cpu.of(pid)
         return total
 
+    def cpu_by_process(self) -> dict[int, float]:
+        """pid -> CPU seconds, the `serve` process first, then its workers."""
+        found: dict[int, float] = {}
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                found[pid] = Cpu.of(pid).total
+        return found
+
     def rss_kb(self) -> int:
         return sum(rss_kb(pid) for pid in self.pids())
 
@@ -640,11 +648,14 @@ class Bench:
             fleet_before = fleet_cpu(self.workers)
             drops_before = self.udp_drops()
             before = self.cpu()
+            by_process = self.hub.cpu_by_process()
             go = time.time()
             for worker in self.workers:
                 await worker.send("go")
             events = await wait_all(self.workers, "connected", 120 + self.n / 10)
             used = self.cpu() - before
+            after = self.hub.cpu_by_process()
+            split = [round(after[pid] - by_process.get(pid, 0.0), 2) for pid in after]
             fleet_used = fleet_cpu(self.workers) - fleet_before
         self.connected = ok = sum(event["connected"] for event in events)
         seconds = max(event["done_unix"] for event in events) - go
@@ -665,6 +676,8 @@ class Bench:
                     "edge_connect_ms": percentiles(times),
                     **used.figures("hub_cpu"),
                     "hub_cpu_ms_per_edge": round(used.total * 1000 / max(ok, 1), 2),
+                    # `serve`, then each worker of `--workers N`: how the work was spread.
+                    "hub_cpu_s_by_process": split,
                     "fleet_cpu_s": round(fleet_used, 2),
                     **self.drops_since(drops_before),
                     "certificates": "one per edge" if self.args.per_edge_certs else "shared",

@@ -399,3 +399,18 @@ async def test_the_node_limit_holds_for_the_hub_as_a_whole(tmp_path: Path) -> No
             assert len(items) == 3, items
             assert "node limit: 3 nodes connected" in hub.log_text()
             nursery.cancel_scope.cancel()
+
+
+async def test_port_0_is_picked_once_for_every_worker(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        hub = HubProcess(tmp_path / "hub", trio_cloud_hub=WORKERS, ports=(0, 0))
+        async with started(hub):
+            log = hub.log_text()
+            serving = re.search(r"serving: websocket port (\d+), https port (\d+)", log)
+            assert serving, log
+            for what, port in zip(
+                ("WebSocket server", "HTTPS certificate service"), serving.groups(), strict=True
+            ):
+                bound = re.findall(rf"{what} listening on 127\.0\.0\.1:(\d+)", log)
+                assert bound == [port, port], (what, bound)
+            assert await hub.terminate() == 0
