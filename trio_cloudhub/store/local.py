@@ -190,6 +190,7 @@ class LocalStore:
         self._pending_acks: dict[AckKey, AckPoint | None] = {}
         self._writing_acks: Mapping[AckKey, AckPoint | None] = {}  # the batch being written
         self._marker_waiters = WriteWaiters()
+        self._flush_lock = trio.Lock()
         self._ack_wakeup = trio.Event()
         self._ack_batch_full = trio.Event()
         self._files: Files = {}  # last good manifests of every file
@@ -686,7 +687,13 @@ class LocalStore:
 
     async def _flush_acks(self) -> bool:
         """Write the pending ack points in one transaction, then the pending node records
-        in another; False (logged, kept for the next flush) when either failed."""
+        in another; False (logged, kept for the next flush) when either failed. One flush at
+        a time (`reload_node` and `flush` flush beside the background flusher): batches are
+        written in order and `_writing_acks` is the one being written."""
+        async with self._flush_lock:
+            return await self._flush_acks_now()
+
+    async def _flush_acks_now(self) -> bool:
         batch, self._pending_acks = self._pending_acks, {}
         records, self._pending_records = self._pending_records, {}
         # Set the events being replaced: a flush of `reload_node`/`flush` may run while the
