@@ -204,6 +204,8 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     if args.worker:
         index, fd, ports = _worker_flag(args.worker)
         setup_logging(level, worker=str(index))
+        # Ctrl-C reaches the whole process group: the supervisor turns it into one SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             trio.run(_serve_worker, _with_ports(config, ports), index, fd)
         except BaseExceptionGroup as group:
@@ -314,7 +316,7 @@ async def _serve_worker(config: Config, index: int, fd: int) -> None:
     link = WorkerLink(index, trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
     started: list[ServeInfo] = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain_on_signal, nursery.cancel_scope, started)
+        nursery.start_soon(_drain_on_signal, nursery.cancel_scope, started, (signal.SIGTERM,))
         info = await nursery.start(partial(serve, config, worker=link))
         started.append(info)
         log.info("worker %d ready: websocket port %d", index, info.websocket_port)
@@ -398,8 +400,12 @@ async def _serve_until_signal(config: Config) -> None:
     log.info("stopped")
 
 
-async def _drain_on_signal(scope: trio.CancelScope, started: list[ServeInfo]) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _drain_on_signal(
+    scope: trio.CancelScope,
+    started: list[ServeInfo],
+    wanted: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM),
+) -> None:
+    with trio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
             log.info("%s received: draining", signal.Signals(signum).name)
             if started:
