@@ -30,7 +30,8 @@ prefixed `trio_cloudhub_`:
 Handshake results: `accepted`, `refused:node-limit`, `refused:shutting-down` (the hub),
 `refused:identity` (certificate names another node), `tls` (TLS handshake or client
 certificate failed), `bad-request` (upgrade request or QUIC header refused), `timeout`,
-`lost` (the peer went away during the handshake), `error` (our bug, logged).
+`evicted` (closed unfinished to make room for newer ones: a crowd, `netlimits`), `lost`
+(the peer went away during the handshake), `error` (our bug, logged).
 
 Cost on the hot path: one counter increment per message on a label child looked up in a
 dict of known operations (unknown operations count as `other`, so an edge cannot grow the

@@ -16,7 +16,8 @@ import trio
 from tests.http.test_http_server import Hub, fetch
 from trio_cloudhub.config import CloudHub, Config, Https, Modules
 from trio_cloudhub.http.certs_store import new_token_keeper, prepare_credentials
-from trio_cloudhub.http.server import MAX_WAITING_PER_SOURCE, serve_https
+from trio_cloudhub.http.server import serve_https
+from trio_cloudhub.netlimits import MAX_WAITING_PER_SOURCE
 from trio_cloudhub.testing.edge_sim import https_get
 
 IDLE = 1500  # above the per-source bound, so the oldest get closed

@@ -54,6 +54,7 @@ from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.base import ConnectionHandler, EdgeDisconnected
 from trio_cloudhub.edge.tls import TlsTransport, detach_socket, server_context_options
 from trio_cloudhub.listen import open_tcp_listeners
+from trio_cloudhub.netlimits import Waiting, peer_host
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
 # `authenticate(node_id, peer certificate DER or None)`: None admits, else the refusal reason.
 Authenticate = Callable[[str, bytes | None], str | None]
 # `on_handshake_failure(reason)`: a connection that never reached the handler, and why
-# (tls, bad-request, refused:identity, timeout, lost, error), for the metrics.
+# (tls, bad-request, refused:identity, timeout, evicted, lost, error), for the metrics.
 HandshakeFailed = Callable[[str], None]
 # What the transport raises when the peer vanished, TLS failed, or we closed it.
 _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
@@ -700,6 +701,9 @@ async def serve_websocket(
     It must be quick and must not raise (e.g. `pki.identity.connection_identity_problem`).
     `on_handshake_failure(reason)` hears of every connection that never reached `handler`.
     `write_timeout` > 0: the progress deadline of every connection (`bound_stalls`).
+    `handshake_timeout` bounds TLS hello, TLS handshake and upgrade request together while
+    few connections are in their handshake; a crowd shortens it and the oldest are closed
+    past a total and a per-source cap (`netlimits.Waiting`): reasons `timeout`, `evicted`.
     `ssl_context` gets `edge.tls.server_context_options` (no tickets, no renegotiation).
     `reuse_port`: SO_REUSEPORT, several processes on one port (`serve --workers N`).
     `task_status.started(port)` reports the bound port (useful with port 0).
@@ -710,6 +714,7 @@ async def serve_websocket(
     serve_one = partial(
         _serve_connection,
         handler=handler,
+        waiting=Waiting("WebSocket"),
         ssl_context=ssl_context,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
@@ -754,6 +759,7 @@ async def _serve_connection(
     ssl_context: ssl.SSLContext,
     max_message_size: int,
     handshake_timeout: float,
+    waiting: Waiting,
     write_timeout: float = 0.0,
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
@@ -762,7 +768,7 @@ async def _serve_connection(
     stall_timeout = bound_stalls(sock, write_timeout)
     transport = TlsTransport(sock, ssl_context, server_side=True)
     connection: WebSocketConnection | None = None
-    with trio.move_on_after(handshake_timeout) as handshake:
+    with waiting.wait(_host_of(sock), handshake_timeout) as handshake:
         try:
             connection = await _accept(
                 transport, remote, max_message_size, authenticate, on_failure, stall_timeout
@@ -771,11 +777,11 @@ async def _serve_connection(
             # A bug on one connection must not end the listener (and the hub with it).
             logger.exception("handshake with %s failed", remote)
             on_failure("error")
-    timed_out = handshake.cancelled_caught
+    ended_early, evicted = handshake.cancelled_caught, handshake.evicted
     del handshake, sock  # nothing of the handshake stays with an idle connection
-    if timed_out:
-        logger.debug("handshake with %s timed out after %s s", remote, handshake_timeout)
-        on_failure("timeout")
+    if ended_early:
+        logger.debug("handshake with %s: %s", remote, "evicted" if evicted else "timed out")
+        on_failure("evicted" if evicted else "timeout")
     if connection is None:
         transport.abort()
         return
@@ -956,6 +962,13 @@ async def _send_rejection(transport: TlsTransport, status: int) -> None:
         except _BROKEN:
             pass
     transport.abort()
+
+
+def _host_of(sock: socket.socket) -> str:
+    try:
+        return peer_host(sock.getpeername())
+    except OSError:
+        return ""
 
 
 def _peer_of(sock: socket.socket) -> str:

@@ -12,8 +12,7 @@ from __future__ import annotations
 import contextlib
 import http
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime
 from functools import partial
 
@@ -32,6 +31,7 @@ from trio_cloudhub.http.routes import (
 )
 from trio_cloudhub.http.tls import OpenSSLStream
 from trio_cloudhub.listen import open_tcp_listeners
+from trio_cloudhub.netlimits import Waiting, peer_host
 from trio_cloudhub.pki.token import TokenKeeper
 
 logger = logging.getLogger("trio_cloudhub.http")
@@ -43,15 +43,9 @@ HANDSHAKE_TIMEOUT = 10.0
 # Whole-request bound (headers and body), also the idle limit of a kept-alive connection.
 REQUEST_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 2.0
-# Connections waiting for their peer (handshake, or a request to arrive): up to CALM of them
-# get the full timeouts; beyond, the timeouts shrink in proportion (down to MIN_WAIT), and
-# past MAX_WAITING (MAX_WAITING_PER_SOURCE from one address) the oldest waiting connection is
-# closed to make room. A flood of idle or slow clients never makes a new one wait: a probe
-# or an edge is served at once, the flood pays.
-CALM_WAITING = 64
-MIN_WAIT = 1.0
-MAX_WAITING = 4096
-MAX_WAITING_PER_SOURCE = 1024
+# Connections waiting for their peer (handshake, a request) share the bounds of `netlimits`:
+# deadlines that shrink with the crowd, the oldest closed past a total and a per-source cap.
+
 # Bodies read at once (each up to MAX_BODY_BYTES): bounds memory; bodiless requests never wait.
 MAX_BODIES = 64
 
@@ -95,65 +89,15 @@ async def serve_https(
     port = int(listeners[0].socket.getsockname()[1])
     logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
     task_status.started(port)
-    handler = partial(_handle_connection, service, Waiting(), tls_context)
+    bodies = trio.CapacityLimiter(MAX_BODIES)
+    handler = partial(_handle_connection, service, Waiting("HTTPS"), bodies, tls_context)
     await trio.serve_listeners(handler, listeners)
-
-
-class Waiting:
-    """Connections waiting for their peer, oldest first (see CALM_WAITING above)."""
-
-    def __init__(self, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE) -> None:
-        self.limit = limit
-        self.per_source = per_source
-        self._scopes: dict[trio.CancelScope, str] = {}  # insertion order: oldest first
-        self._sources: Counter[str] = Counter()
-        self.evicted = 0
-        self.bodies = trio.CapacityLimiter(MAX_BODIES)
-
-    def __len__(self) -> int:
-        return len(self._scopes)
-
-    def timeout(self, base: float) -> float:
-        crowd = len(self._scopes)
-        return base if crowd <= CALM_WAITING else max(MIN_WAIT, base * CALM_WAITING / crowd)
-
-    @contextlib.contextmanager
-    def wait(self, source: str, base: float) -> Iterator[trio.CancelScope]:
-        """A scope for one wait on the peer: its deadline, and room made if needed."""
-        if self._sources[source] >= self.per_source:
-            self._evict(lambda scope_source: scope_source == source)
-        elif len(self._scopes) >= self.limit:
-            self._evict(lambda scope_source: True)
-        scope = trio.CancelScope(deadline=trio.current_time() + self.timeout(base))
-        self._scopes[scope] = source
-        self._sources[source] += 1
-        try:
-            with scope:
-                yield scope
-        finally:
-            del self._scopes[scope]
-            self._sources[source] -= 1
-            if not self._sources[source]:
-                del self._sources[source]
-
-    def _evict(self, matches: Callable[[str], bool]) -> None:
-        for scope, source in self._scopes.items():
-            if matches(source) and not scope.cancel_called:
-                scope.cancel()
-                self.evicted += 1
-                if self.evicted % 1000 == 1:  # a flood: one line per thousand
-                    logger.warning(
-                        "HTTPS: %d waiting connections, closed the oldest (%s; %d so far)",
-                        len(self._scopes),
-                        source,
-                        self.evicted,
-                    )
-                return
 
 
 async def _handle_connection(
     service: CertificateService,
     waiting: Waiting,
+    bodies: trio.CapacityLimiter,
     tls_context: SSL.Context,
     tcp: trio.SocketStream,
 ) -> None:
@@ -165,7 +109,8 @@ async def _handle_connection(
             await stream.do_handshake()
         if scope.cancelled_caught:
             return
-        await _serve_requests(service, stream, stream.peer_certificate_der(), waiting, source)
+        peer_cert = stream.peer_certificate_der()
+        await _serve_requests(service, stream, peer_cert, waiting, bodies, source)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         # The peer's problem (failed handshake, reset): nothing to answer.
         logger.debug("HTTPS connection ended: %r", exc)
@@ -179,10 +124,9 @@ async def _handle_connection(
 
 def _source(tcp: trio.SocketStream) -> str:
     try:
-        peer = tcp.socket.getpeername()
+        return peer_host(tcp.socket.getpeername())
     except OSError:
         return ""
-    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 async def _serve_requests(
@@ -190,6 +134,7 @@ async def _serve_requests(
     stream: TLSStream,
     peer_cert: bytes | None,
     waiting: Waiting,
+    bodies: trio.CapacityLimiter,
     source: str,
 ) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
@@ -197,7 +142,7 @@ async def _serve_requests(
         request: Request | None = None
         try:
             with waiting.wait(source, REQUEST_TIMEOUT):
-                request = await _read_request(conn, stream, peer_cert, waiting.bodies)
+                request = await _read_request(conn, stream, peer_cert, bodies)
         except h11.RemoteProtocolError as exc:
             await _send_error(conn, stream, exc.error_status_hint, f"bad request: {exc}")
             return

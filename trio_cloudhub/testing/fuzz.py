@@ -53,6 +53,7 @@ from trio_cloudhub.core import codec
 from trio_cloudhub.core.message import Message, new_message, response_to
 from trio_cloudhub.edge.base import EdgeDisconnected
 from trio_cloudhub.edge.websocket import StreamTransport, WebSocketConnection
+from trio_cloudhub.netlimits import Waiting
 from trio_cloudhub.pki import token as token_module
 from trio_cloudhub.pki.certs import CertAndKey, generate_ca, issue_certificate
 from trio_cloudhub.pki.client_cert import (
@@ -401,7 +402,8 @@ async def fuzz_http_async(data: bytes) -> str:
                 _certificate_service(),
                 stream,  # type: ignore[arg-type]
                 peer_cert,
-                server.Waiting(),
+                Waiting("fuzz"),
+                trio.CapacityLimiter(server.MAX_BODIES),
                 "fuzz",
             )
     statuses = _responses(bytes(stream.sent), _methods(data[1:]))
