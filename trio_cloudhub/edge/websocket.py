@@ -690,6 +690,7 @@ async def serve_websocket(
     authenticate: Authenticate | None = None,
     on_handshake_failure: HandshakeFailed | None = None,
     reuse_port: bool = False,
+    waiting: Waiting | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Accept WSS connections forever; run `handler` once per upgraded connection.
@@ -703,7 +704,8 @@ async def serve_websocket(
     `write_timeout` > 0: the progress deadline of every connection (`bound_stalls`).
     `handshake_timeout` bounds TLS hello, TLS handshake and upgrade request together while
     few connections are in their handshake; a crowd shortens it and the oldest are closed
-    past a total and a per-source cap (`netlimits.Waiting`): reasons `timeout`, `evicted`.
+    past a total and a per-source cap (`netlimits.Waiting`; `waiting` replaces the default
+    caps, for tests): reasons `timeout`, `evicted`.
     `ssl_context` gets `edge.tls.server_context_options` (no tickets, no renegotiation).
     `reuse_port`: SO_REUSEPORT, several processes on one port (`serve --workers N`).
     `task_status.started(port)` reports the bound port (useful with port 0).
@@ -714,7 +716,7 @@ async def serve_websocket(
     serve_one = partial(
         _serve_connection,
         handler=handler,
-        waiting=Waiting("WebSocket"),
+        waiting=waiting if waiting is not None else Waiting("WebSocket"),
         ssl_context=ssl_context,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
