@@ -13,8 +13,8 @@ from certs import Pki
 
 from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
 from trio_cloudhub.edge.websocket import connect_websocket, serve_websocket
-from trio_cloudhub.netlimits import CALM_WAITING, Waiting
-from trio_cloudhub.testing.flood import connect_from
+from trio_cloudhub.netlimits import Waiting
+from trio_cloudhub.testing.flood import connect_from, until
 
 EDGE_HEADERS = [("Node_id", "edge-1"), ("Project_id", "proj-1")]
 
@@ -34,7 +34,7 @@ async def echo(connection: EdgeConnection) -> None:
 
 
 async def start(
-    nursery: trio.Nursery, pki: Pki, failures: Counter[str], waiting: Waiting, timeout: float
+    nursery: trio.Nursery, pki: Pki, failures: Counter[str], waiting: Waiting, deadline: float
 ) -> int:
     serve = partial(
         serve_websocket,
@@ -43,7 +43,7 @@ async def start(
         host="127.0.0.1",
         port=0,
         max_message_size=1 << 20,
-        handshake_timeout=timeout,
+        handshake_timeout=deadline,
         on_handshake_failure=lambda reason: failures.update([reason]),
         waiting=waiting,
     )
@@ -76,20 +76,18 @@ async def test_the_oldest_unfinished_handshakes_make_room_per_source_and_in_tota
     raise_open_files(400)
     failures: Counter[str] = Counter()
     waiting = Waiting("WebSocket", limit=60, per_source=20)
-    port = await start(nursery, pki, failures, waiting, timeout=30)
+    port = await start(nursery, pki, failures, waiting, deadline=30)
     idle: list[trio.SocketStream] = []
     try:
         with trio.fail_after(30):
             session = await dial(port, pki)  # established first, from the flood's address
             for _ in range(30):  # one source, 10 above its cap
                 idle.append(await connect_from("127.0.0.1", "127.0.0.1", port))
-            while failures["evicted"] < 10:
-                await trio.sleep(0.01)
+            await until(lambda: failures["evicted"] >= 10, within=10)
             assert all([await is_closed_soon(stream) for stream in idle[:10]])
             for index in range(50):  # five more sources: 70 in total, 10 above the cap
                 idle.append(await connect_from(f"127.0.9.{index % 5 + 1}", "127.0.0.1", port))
-            while failures["evicted"] < 20:
-                await trio.sleep(0.01)
+            await until(lambda: failures["evicted"] >= 20, within=10)
             # The total cap closed the oldest overall: the next ten from the first source.
             assert all([await is_closed_soon(stream) for stream in idle[10:20]])
             assert not await is_closed_soon(idle[-1], within=0.2)
@@ -114,7 +112,7 @@ async def test_the_oldest_unfinished_handshakes_make_room_per_source_and_in_tota
 async def test_a_crowd_gets_shorter_handshake_deadlines(nursery: trio.Nursery, pki: Pki) -> None:
     raise_open_files(800)
     failures: Counter[str] = Counter()
-    port = await start(nursery, pki, failures, Waiting("WebSocket"), timeout=30)
+    port = await start(nursery, pki, failures, Waiting("WebSocket"), deadline=30)
     idle: list[trio.SocketStream] = []
     try:
         with trio.fail_after(40):

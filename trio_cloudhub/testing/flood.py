@@ -17,6 +17,7 @@ by us), or why it could not be opened.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import ssl
@@ -69,10 +70,8 @@ def client_hello() -> bytes:
     """A fresh TLS ClientHello, as a client's first flight."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = insecure_context().wrap_bio(incoming, outgoing, server_side=False)
-    try:
+    with contextlib.suppress(ssl.SSLWantReadError):
         tls.do_handshake()
-    except ssl.SSLWantReadError:
-        pass
     return outgoing.read()
 
 
@@ -186,7 +185,7 @@ class Flood:
                 if rate and index % 50 == 49:
                     await trio.sleep(50 / rate)
                 elif index % 50 == 49:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
 
     def open_now(self) -> int:
         return sum(1 for c in self.connections if c.closed is None and not math.isnan(c.opened))
@@ -209,6 +208,15 @@ class Flood:
     def held_seconds(self) -> list[float]:
         """How long each connection the hub closed had been open."""
         return sorted(c.closed - c.opened for c in self.connections if c.closed is not None)
+
+
+async def until(check: Callable[[], object], within: float, interval: float = 0.02) -> None:
+    """Poll `check` until it is truthy; TimeoutError after `within` seconds."""
+    with trio.fail_after(within):
+        while True:
+            if check():
+                return
+            await trio.sleep(interval)
 
 
 def sources(count: int, base: str = "127.1") -> list[str]:
