@@ -43,9 +43,10 @@ class FloodConnection:
     kind: str
     port: int
     source: str
-    opened: float = math.nan  # trio.current_time() once connected (and TLS done if any)
-    closed: float | None = None  # when we saw the hub close it
-    failed: str = ""  # could not connect or handshake: why
+    opened: float = math.nan  # trio.current_time() once TCP connected
+    ready: float = math.nan  # once in the state of its kind (TLS done for the TLS kinds)
+    closed: float | None = None  # when we saw the hub close it (also during our TLS handshake)
+    failed: str = ""  # could not connect: why
 
 
 @attrs.define
@@ -122,23 +123,21 @@ async def open_and_hold(target: FloodTarget, connection: FloodConnection) -> Non
     except OSError as exc:
         connection.failed = f"connect: {exc}"
         return
+    connection.opened = trio.current_time()
     try:
         if kind == "tcp":
-            connection.opened = trio.current_time()
+            connection.ready = trio.current_time()
             await _until_closed(tcp)
         elif kind == "hello":
             await tcp.send_all(client_hello())
-            connection.opened = trio.current_time()
+            connection.ready = trio.current_time()
             await _until_closed(tcp)
         else:
             await _hold_tls(target, connection, tcp)
-        connection.closed = trio.current_time()
-    except (trio.BrokenResourceError, OSError) as exc:
-        if math.isnan(connection.opened):
-            connection.failed = f"{kind}: {exc!r}"
-        else:
-            connection.closed = trio.current_time()
+    except (trio.BrokenResourceError, OSError):
+        pass  # the hub closed it (reset, or in the middle of our TLS handshake)
     finally:
+        connection.closed = trio.current_time()
         await trio.aclose_forcefully(tcp)
 
 
@@ -149,7 +148,7 @@ async def _hold_tls(
     context = target.client_context if websocket else insecure_context()
     stream = trio.SSLStream(tcp, context, server_hostname=target.host)
     await stream.do_handshake()
-    connection.opened = trio.current_time()
+    connection.ready = trio.current_time()
     if connection.kind == "tls-idle":
         await _until_closed(stream)
     elif connection.kind == "slow-headers":
@@ -190,19 +189,26 @@ class Flood:
     def open_now(self) -> int:
         return sum(1 for c in self.connections if c.closed is None and not math.isnan(c.opened))
 
+    def closed_or_failed(self) -> int:
+        return sum(1 for c in self.connections if c.closed is not None or c.failed)
+
     def closed_by_hub(self) -> int:
         return sum(1 for c in self.connections if c.closed is not None)
 
     def failures(self) -> Counter[str]:
         return Counter(c.failed.split(":")[0] for c in self.connections if c.failed)
 
-    def by_kind(self) -> dict[str, dict[str, int]]:
-        table: dict[str, dict[str, int]] = {}
+    def by_kind(self) -> dict[str, Counter[str]]:
+        """Per kind: planned, connected, ready, closed (by the hub), closed before ready."""
+        table: dict[str, Counter[str]] = {}
         for c in self.connections:
-            row = table.setdefault(f"{c.kind}@{c.port}", {"planned": 0, "opened": 0, "closed": 0})
+            port = "websocket" if c.port == self.target.websocket_port else "https"
+            row = table.setdefault(f"{c.kind}@{port}", Counter())
             row["planned"] += 1
-            row["opened"] += not math.isnan(c.opened)
+            row["connected"] += not math.isnan(c.opened)
+            row["ready"] += not math.isnan(c.ready)
             row["closed"] += c.closed is not None
+            row["closed before ready"] += c.closed is not None and math.isnan(c.ready)
         return table
 
     def held_seconds(self) -> list[float]:
