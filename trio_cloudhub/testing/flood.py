@@ -18,9 +18,11 @@ by us), or why it could not be opened.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import socket
 import ssl
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -43,7 +45,7 @@ class FloodConnection:
     kind: str
     port: int
     source: str
-    opened: float = math.nan  # trio.current_time() once TCP connected
+    opened: float = math.nan  # time.monotonic() once TCP connected (same clock in every process)
     ready: float = math.nan  # once in the state of its kind (TLS done for the TLS kinds)
     closed: float | None = None  # when we saw the hub close it (also during our TLS handshake)
     failed: str = ""  # could not connect: why
@@ -60,7 +62,10 @@ class FloodTarget:
     trickle: float = 1.0
 
 
+@functools.cache
 def insecure_context() -> ssl.SSLContext:
+    """Verifies nothing (the flood does not care who answers); made once: making a context
+    loads the system's CA store, milliseconds that would stall the flood's event loop."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -68,7 +73,7 @@ def insecure_context() -> ssl.SSLContext:
 
 
 def client_hello() -> bytes:
-    """A fresh TLS ClientHello, as a client's first flight."""
+    """A fresh TLS ClientHello (new random and key share), as a client's first flight."""
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     tls = insecure_context().wrap_bio(incoming, outgoing, server_side=False)
     with contextlib.suppress(ssl.SSLWantReadError):
@@ -123,21 +128,24 @@ async def open_and_hold(target: FloodTarget, connection: FloodConnection) -> Non
     except OSError as exc:
         connection.failed = f"connect: {exc}"
         return
-    connection.opened = trio.current_time()
+    connection.opened = time.monotonic()
+    by_hub = False  # not when we stop the flood (cancelled)
     try:
         if kind == "tcp":
-            connection.ready = trio.current_time()
+            connection.ready = time.monotonic()
             await _until_closed(tcp)
         elif kind == "hello":
             await tcp.send_all(client_hello())
-            connection.ready = trio.current_time()
+            connection.ready = time.monotonic()
             await _until_closed(tcp)
         else:
             await _hold_tls(target, connection, tcp)
+        by_hub = True
     except (trio.BrokenResourceError, OSError):
-        pass  # the hub closed it (reset, or in the middle of our TLS handshake)
+        by_hub = True  # reset, or closed in the middle of our TLS handshake
     finally:
-        connection.closed = trio.current_time()
+        if by_hub:
+            connection.closed = time.monotonic()
         await trio.aclose_forcefully(tcp)
 
 
@@ -148,7 +156,7 @@ async def _hold_tls(
     context = target.client_context if websocket else insecure_context()
     stream = trio.SSLStream(tcp, context, server_hostname=target.host)
     await stream.do_handshake()
-    connection.ready = trio.current_time()
+    connection.ready = time.monotonic()
     if connection.kind == "tls-idle":
         await _until_closed(stream)
     elif connection.kind == "slow-headers":
@@ -164,27 +172,36 @@ class Flood:
     """Connections of the kinds and ports asked for, from `sources` in turn."""
 
     target: FloodTarget
-    connections: list[FloodConnection] = attrs.field(factory=list)
+    slots: list[tuple[str, int, str]] = attrs.field(factory=list)  # kind, port, source
+    connections: list[FloodConnection] = attrs.field(factory=list)  # every one opened
 
     def plan(self, mix: Sequence[tuple[str, int, int]], sources: Sequence[str]) -> None:
         """`mix`: (kind, port, count); sources are used round-robin over all connections."""
-        index = 0
         for kind, port, count in mix:
             for _ in range(count):
-                source = sources[index % len(sources)]
-                self.connections.append(FloodConnection(kind, port, source))
-                index += 1
+                self.slots.append((kind, port, sources[len(self.slots) % len(sources)]))
 
-    async def run(self, *, rate: float = 0.0) -> None:
-        """Open every planned connection (`rate` per second, 0: at once) and hold each
-        until the hub closes it. Runs until all are closed, or until cancelled."""
+    async def run(self, *, rate: float = 0.0, reopen_until: float = 0.0) -> None:
+        """Open a connection per slot (`rate` per second, 0: as fast as we can) and hold each
+        until the hub closes it; until `reopen_until` (time.monotonic()) a closed one is
+        opened again. Returns when all are closed, or when cancelled."""
         async with trio.open_nursery() as nursery:
-            for index, connection in enumerate(self.connections):
-                nursery.start_soon(open_and_hold, self.target, connection)
+            for index, slot in enumerate(self.slots):
+                nursery.start_soon(self._slot, *slot, reopen_until)
                 if rate and index % 50 == 49:
                     await trio.sleep(50 / rate)
                 elif index % 50 == 49:
                     await trio.lowlevel.checkpoint()
+
+    async def _slot(self, kind: str, port: int, source: str, reopen_until: float) -> None:
+        while True:
+            connection = FloodConnection(kind, port, source)
+            self.connections.append(connection)
+            await open_and_hold(self.target, connection)
+            if time.monotonic() >= reopen_until:
+                return
+            if connection.failed:
+                await trio.sleep(0.1)  # e.g. out of ports or file descriptors: not a busy loop
 
     def open_now(self) -> int:
         return sum(1 for c in self.connections if c.closed is None and not math.isnan(c.opened))
