@@ -16,10 +16,15 @@ seconds, each waiting a few milliseconds here) while its memory (a few KB each) 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import errno
 import logging
+import os
+import socket
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import NoReturn
 
 import trio
 
@@ -114,3 +119,116 @@ class Waiting:
 def peer_host(address: object) -> str:
     """The host part of a socket's peer address (the per-source key); "" when unknown."""
     return str(address[0]) if isinstance(address, tuple) else str(address or "")
+
+
+# --- accepting ----------------------------------------------------------------------------------
+
+# Connections accepted per scheduler turn. trio's `SocketListener.accept` takes one per turn,
+# and a turn is long when thousands of connections are busy: the kernel's accept queue then
+# fills up and a probe or an edge waits in it behind the whole flood.
+ACCEPT_BATCH = 256
+# accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+# The connection died in the accept queue (as trio.serve_listeners, these are skipped).
+_ACCEPT_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+ACCEPT_RETRY = 0.1
+
+
+def listening_socket(listener: trio.SocketListener) -> socket.socket:
+    """The stdlib socket under a trio listener (non-blocking; the listener is unusable)."""
+    trio_socket = listener.socket
+    family, kind, proto = trio_socket.family, trio_socket.type, trio_socket.proto
+    sock = socket.socket(family, kind, proto, fileno=trio_socket.detach())
+    sock.setblocking(False)
+    return sock
+
+
+async def accept_forever(
+    sock: socket.socket,
+    nursery: trio.Nursery,
+    serve_one: Callable[[socket.socket], Awaitable[object]],
+) -> NoReturn:
+    """Run `serve_one(connection)` in `nursery` for every connection, a non-blocking stdlib
+    socket with TCP_NODELAY, accepting all that wait (up to ACCEPT_BATCH) per turn."""
+    with sock:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    connection, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                        continue
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    logger.error(
+                        "accept failed: %s; retrying in %s s", os.strerror(exc.errno), ACCEPT_RETRY
+                    )
+                    await trio.sleep(ACCEPT_RETRY)
+                    break
+                connection.setblocking(False)
+                with contextlib.suppress(OSError):
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                nursery.start_soon(serve_one, connection)
+
+
+# --- handshake turns ----------------------------------------------------------------------------
+
+# TLS handshake steps on received bytes (the server's first flight: key exchange and
+# signature; the client's certificate) handed out per scheduler turn. A handshake step is
+# CPU work that never yields: a thousand TLS hellos make every turn, and so every probe and
+# edge, wait behind a second of cryptography; in turns, round-robin over source addresses,
+# a new client waits behind at most one step per other source.
+TURNS_PER_ROUND = 8
+# What a handshake enters around each step: `partial(turns.turn, source)`.
+Turn = Callable[[], contextlib.AbstractAsyncContextManager[None]]
+
+
+class HandshakeTurns:
+    """Turns for handshake steps, TURNS_PER_ROUND per scheduler round, fair by source."""
+
+    def __init__(self, per_round: int = TURNS_PER_ROUND) -> None:
+        self.per_round = per_round
+        self._queues: dict[str, collections.deque[trio.Event]] = {}  # round-robin order
+        self._work = trio.Event()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, source: str) -> AsyncIterator[None]:
+        """Wait for a turn; the step in the block must not await (it is one CPU step)."""
+        granted = trio.Event()
+        queue = self._queues.get(source)
+        if queue is None:
+            queue = self._queues[source] = collections.deque()
+        queue.append(granted)
+        self._work.set()
+        try:
+            await granted.wait()
+        except BaseException:
+            self._forget(source, granted)
+            raise
+        yield
+
+    def _forget(self, source: str, granted: trio.Event) -> None:
+        queue = self._queues.get(source)
+        if queue is not None and granted in queue:
+            queue.remove(granted)
+            if not queue:
+                del self._queues[source]
+
+    async def run(self) -> NoReturn:
+        """Hand out the turns (one task per port)."""
+        while True:
+            if not self._queues:
+                self._work = trio.Event()
+                await self._work.wait()
+            for _ in range(self.per_round):
+                if not self._queues:
+                    break
+                source = next(iter(self._queues))
+                queue = self._queues.pop(source)
+                queue.popleft().set()
+                if queue:
+                    self._queues[source] = queue  # to the back of the round
+            await trio.lowlevel.cancel_shielded_checkpoint()

@@ -29,6 +29,8 @@ from collections import deque
 
 import trio
 
+from trio_cloudhub.netlimits import Turn
+
 RECEIVE_BYTES = 16 * 1024
 WRITE_SLICE = 16 * 1024
 # Reads answered from buffered data in a row before one real yield to the scheduler, so a
@@ -93,16 +95,23 @@ class TlsTransport:
 
     # --- handshake and state ------------------------------------------------------------
 
-    async def do_handshake(self) -> None:
+    async def do_handshake(self, turn: Turn | None = None) -> None:
         """The TLS handshake; raises trio.BrokenResourceError (cause: the SSLError or
-        OSError) when it fails. Bound it with the caller's deadline."""
+        OSError) when it fails. Bound it with the caller's deadline. `turn`: entered around
+        each step on received bytes (the CPU work), e.g. `netlimits.HandshakeTurns.turn`."""
+        received = False
         while True:
             try:
-                self._ssl.do_handshake()
+                if received and turn is not None:
+                    async with turn():
+                        self._ssl.do_handshake()
+                else:
+                    self._ssl.do_handshake()
             except ssl.SSLWantReadError:
                 await self._send_output()
                 if not await self._receive_raw():
                     raise trio.BrokenResourceError("EOF during the TLS handshake") from None
+                received = True
                 continue
             except ssl.SSLError as exc:
                 self._broken = f"TLS handshake failed: {exc}"

@@ -40,7 +40,7 @@ import ssl
 import struct
 import sys
 import termios
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import NoReturn, Protocol
 
@@ -54,7 +54,14 @@ from trio_cloudhub.config import DEFAULT_PROJECT_ID
 from trio_cloudhub.edge.base import ConnectionHandler, EdgeDisconnected
 from trio_cloudhub.edge.tls import TlsTransport, detach_socket, server_context_options
 from trio_cloudhub.listen import open_tcp_listeners
-from trio_cloudhub.netlimits import Waiting, peer_host
+from trio_cloudhub.netlimits import (
+    HandshakeTurns,
+    Turn,
+    Waiting,
+    accept_forever,
+    listening_socket,
+    peer_host,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +85,6 @@ _SWITCHING = (
 _HEAD_SHORT = struct.Struct("!BB")
 _HEAD_MEDIUM = struct.Struct("!BBH")
 _HEAD_LONG = struct.Struct("!BBQ")
-# accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-ACCEPT_RETRY = 0.1
 _REASONS = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed"}
 # `authenticate(node_id, peer certificate DER or None)`: None admits, else the refusal reason.
 Authenticate = Callable[[str, bytes | None], str | None]
@@ -713,10 +717,12 @@ async def serve_websocket(
     server_context_options(ssl_context)
     listeners = await open_tcp_listeners(port, host or None, reuse_port=reuse_port)
     bound_port: int = listeners[0].socket.getsockname()[1]
+    turns = HandshakeTurns()
     serve_one = partial(
         _serve_connection,
         handler=handler,
         waiting=waiting if waiting is not None else Waiting("WebSocket"),
+        turns=turns,
         ssl_context=ssl_context,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
@@ -725,33 +731,14 @@ async def serve_websocket(
         on_failure=on_handshake_failure or _ignore_failure,
     )
     logger.info("WebSocket server listening on %s:%d", host or "*", bound_port)
+    # Each connection's task gets the plain socket: no trio stream is kept alive beside it
+    # for the connection's life.
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(turns.run)
         for listener in listeners:
-            nursery.start_soon(_accept_forever, listener, nursery, serve_one)
+            nursery.start_soon(accept_forever, listening_socket(listener), nursery, serve_one)
         task_status.started(bound_port)
     raise AssertionError("the accept loops returned")  # pragma: no cover
-
-
-async def _accept_forever(
-    listener: trio.SocketListener,
-    nursery: trio.Nursery,
-    serve_one: Callable[[socket.socket], Awaitable[None]],
-) -> NoReturn:
-    """trio.serve_listeners, except that each connection's task gets the plain socket: no
-    trio stream is kept alive beside it for the connection's life."""
-    async with listener:
-        while True:
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                    raise
-                logger.error(
-                    "accept failed: %s; retrying in %s s", os.strerror(exc.errno), ACCEPT_RETRY
-                )
-                await trio.sleep(ACCEPT_RETRY)
-                continue
-            nursery.start_soon(serve_one, detach_socket(stream))
 
 
 async def _serve_connection(
@@ -762,6 +749,7 @@ async def _serve_connection(
     max_message_size: int,
     handshake_timeout: float,
     waiting: Waiting,
+    turns: HandshakeTurns | None = None,
     write_timeout: float = 0.0,
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
@@ -770,10 +758,12 @@ async def _serve_connection(
     stall_timeout = bound_stalls(sock, write_timeout)
     transport = TlsTransport(sock, ssl_context, server_side=True)
     connection: WebSocketConnection | None = None
-    with waiting.wait(_host_of(sock), handshake_timeout) as handshake:
+    host = _host_of(sock)
+    turn = partial(turns.turn, host) if turns is not None else None
+    with waiting.wait(host, handshake_timeout) as handshake:
         try:
             connection = await _accept(
-                transport, remote, max_message_size, authenticate, on_failure, stall_timeout
+                transport, remote, max_message_size, authenticate, on_failure, stall_timeout, turn
             )
         except Exception:
             # A bug on one connection must not end the listener (and the hub with it).
@@ -806,10 +796,11 @@ async def _accept(
     authenticate: Authenticate | None = None,
     on_failure: HandshakeFailed = _ignore_failure,
     stall_timeout: float = 0.0,
+    turn: Turn | None = None,
 ) -> WebSocketConnection | None:
     """TLS handshake, then the HTTP upgrade; None (after answering) when refused."""
     try:
-        await transport.do_handshake()
+        await transport.do_handshake(turn)
     except _BROKEN as exc:
         # No client certificate, one from another CA, a port scan: not worth more than debug.
         logger.debug("TLS handshake with %s failed: %s", remote, _describe(exc))

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import http
 import logging
+import socket
 from collections.abc import Callable
 from datetime import datetime
 from functools import partial
+from typing import NoReturn
 
 import h11
 import trio
@@ -31,7 +33,13 @@ from trio_cloudhub.http.routes import (
 )
 from trio_cloudhub.http.tls import OpenSSLStream
 from trio_cloudhub.listen import open_tcp_listeners
-from trio_cloudhub.netlimits import Waiting, peer_host
+from trio_cloudhub.netlimits import (
+    HandshakeTurns,
+    Waiting,
+    accept_forever,
+    listening_socket,
+    peer_host,
+)
 from trio_cloudhub.pki.token import TokenKeeper
 
 logger = logging.getLogger("trio_cloudhub.http")
@@ -66,7 +74,7 @@ async def serve_https(
     clock: Callable[[], datetime] = utc_now,
     reuse_port: bool = False,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
-) -> None:
+) -> NoReturn:
     """Serve `/ca.crt`, `/edge.crt`, `/readyz`, `/livez` (and `/node/{name}` when `nodes`
     is given) until cancelled.
 
@@ -88,10 +96,27 @@ async def serve_https(
     )
     port = int(listeners[0].socket.getsockname()[1])
     logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
-    task_status.started(port)
+    turns = HandshakeTurns()
     bodies = trio.CapacityLimiter(MAX_BODIES)
-    handler = partial(_handle_connection, service, Waiting("HTTPS"), bodies, tls_context)
-    await trio.serve_listeners(handler, listeners)
+    handler = partial(_handle_socket, service, Waiting("HTTPS"), turns, bodies, tls_context)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(turns.run)
+        for listener in listeners:
+            nursery.start_soon(accept_forever, listening_socket(listener), nursery, handler)
+        task_status.started(port)
+    raise AssertionError("the accept loops returned")  # pragma: no cover
+
+
+async def _handle_socket(
+    service: CertificateService,
+    waiting: Waiting,
+    turns: HandshakeTurns,
+    bodies: trio.CapacityLimiter,
+    tls_context: SSL.Context,
+    sock: socket.socket,
+) -> None:
+    tcp = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    await _handle_connection(service, waiting, bodies, tls_context, tcp, turns)
 
 
 async def _handle_connection(
@@ -100,13 +125,15 @@ async def _handle_connection(
     bodies: trio.CapacityLimiter,
     tls_context: SSL.Context,
     tcp: trio.SocketStream,
+    turns: HandshakeTurns | None = None,
 ) -> None:
     """One TLS connection: handshake, then requests until close, error or timeout."""
     stream = OpenSSLStream(tcp, tls_context)
     source = _source(tcp)
+    turn = partial(turns.turn, source) if turns is not None else None
     try:
         with waiting.wait(source, HANDSHAKE_TIMEOUT) as scope:
-            await stream.do_handshake()
+            await stream.do_handshake(turn)
         if scope.cancelled_caught:
             return
         peer_cert = stream.peer_certificate_der()

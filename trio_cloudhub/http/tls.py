@@ -23,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 
+from trio_cloudhub.netlimits import Turn
+
 RECEIVE_BYTES = 64 * 1024
 
 
@@ -54,16 +56,23 @@ class OpenSSLStream(trio.abc.Stream):
         self._handshake_done = False
         self._eof = False
 
-    async def do_handshake(self) -> None:
-        """The TLS handshake; `BrokenResourceError` when it fails or the peer goes away."""
+    async def do_handshake(self, turn: Turn | None = None) -> None:
+        """The TLS handshake; `BrokenResourceError` when it fails or the peer goes away.
+        `turn`: entered around each step on received bytes (`netlimits.HandshakeTurns`)."""
         if self._handshake_done:
             return
+        received = False
         while True:
             try:
-                self._tls.do_handshake()
+                if received and turn is not None:
+                    async with turn():
+                        self._tls.do_handshake()
+                else:
+                    self._tls.do_handshake()
             except SSL.WantReadError:
                 await self._flush()
                 await self._feed()
+                received = True
                 continue
             except SSL.Error as exc:
                 await self._flush_quietly()  # the alert, if any
