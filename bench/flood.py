@@ -13,9 +13,9 @@ edges, opens `--connections` idle or slow connections spread evenly over seven k
   (request headers at one byte per second).
 
 Scenarios: `one` (every flood connection from 127.0.5.1) and `many` (from `--sources`
-addresses 127.1.x.y). The probes and the edges come from 127.0.0.1. With `--reopen` (the
-default) a connection the hub closed is opened again until the flood ends: the pressure
-stays, as from an attacker or a fleet retrying.
+addresses 127.1.x.y). The probes and the edges come from 127.0.0.1. Unless `--no-reopen`,
+a connection the hub closed is opened again `--reopen-after` s later until the flood ends:
+the pressure stays, as from an attacker or a fleet retrying.
 
 During the flood: `/readyz` every 0.1 s on a new connection (as a kubelet probe), p50/p99/max
 and failures; `--new-edges` new edges bootstrap (token, CSR, /edge.crt) and connect, each
@@ -126,7 +126,12 @@ async def worker(args: argparse.Namespace) -> dict[str, Any]:
     open_samples: list[tuple[float, int]] = []
     async with trio.open_nursery() as nursery:
         nursery.start_soon(
-            lambda: flood.run(rate=args.rate, reopen_until=ends if args.reopen else 0.0)
+            partial(
+                flood.run,
+                rate=args.rate,
+                reopen_until=ends if args.reopen else 0.0,
+                reopen_after=args.reopen_after,
+            )
         )
         while time.monotonic() < ends:
             open_samples.append((round(time.monotonic() - began, 1), flood.open_now()))
@@ -255,7 +260,8 @@ async def run_scenario(
         "--connections", str(args.connections), "--seconds", str(args.seconds),
         "--sources", str(args.sources), "--rate", str(args.rate),
         "--websocket-port", str(hub.websocket_port), "--https-port", str(hub.https_port),
-        "--identity", str(identity), *([] if args.reopen else ["--no-reopen"]),
+        "--identity", str(identity), "--reopen-after", str(args.reopen_after),
+        *([] if args.reopen else ["--no-reopen"]),
     ]  # fmt: skip
     began = time.monotonic()
     with result_path.open("wb") as out:
@@ -306,6 +312,7 @@ async def run_scenario(
         "connections": args.connections,
         "sources": 1 if name == "one" else args.sources,
         "reopen": args.reopen,
+        "reopen_after_s": args.reopen_after,
         "flood_seconds": round(flood_ended - began, 1),
         "readyz_s": percentiles(during),
         "readyz_failures": dict(Counter(probe_failures)),
@@ -372,6 +379,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-edges", type=int, default=3)
     parser.add_argument("--keepalive", type=float, default=5.0)
     parser.add_argument("--no-reopen", dest="reopen", action="store_false")
+    parser.add_argument("--reopen-after", type=float, default=1.0, help="seconds")
     # The worker's own arguments (bench.flood runs itself as the flood process).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)

@@ -176,8 +176,8 @@ async def accept_forever(
 
 # --- handshake turns ----------------------------------------------------------------------------
 
-# TLS handshake steps on received bytes (the server's first flight: key exchange and
-# signature; the client's certificate) handed out per scheduler turn. A handshake step is
+# TLS handshake steps on a ClientHello (the server's first flight: key exchange and
+# signature) handed out per scheduler turn. A handshake step is
 # CPU work that never yields: a thousand TLS hellos make every turn, and so every probe and
 # edge, wait behind a second of cryptography; in turns, round-robin over source addresses,
 # a new client waits behind at most one step per other source.

@@ -58,14 +58,17 @@ class OpenSSLStream(trio.abc.Stream):
 
     async def do_handshake(self, turn: Turn | None = None) -> None:
         """The TLS handshake; `BrokenResourceError` when it fails or the peer goes away.
-        `turn`: entered around each step on received bytes (`netlimits.HandshakeTurns`)."""
+        `turn`: entered around the first step on received bytes, the costly one (the key
+        exchange and signature; `netlimits.HandshakeTurns`)."""
         if self._handshake_done:
             return
+        gate = turn  # for the first step on received bytes: the ClientHello's key exchange
         received = False
         while True:
             try:
-                if received and turn is not None:
-                    async with turn():
+                if received and gate is not None:
+                    step, gate = gate, None
+                    async with step():
                         self._tls.do_handshake()
                 else:
                     self._tls.do_handshake()

@@ -176,32 +176,42 @@ class Flood:
     connections: list[FloodConnection] = attrs.field(factory=list)  # every one opened
 
     def plan(self, mix: Sequence[tuple[str, int, int]], sources: Sequence[str]) -> None:
-        """`mix`: (kind, port, count); sources are used round-robin over all connections."""
-        for kind, port, count in mix:
-            for _ in range(count):
-                self.slots.append((kind, port, sources[len(self.slots) % len(sources)]))
+        """`mix`: (kind, port, count), interleaved (every kind from the start); sources are
+        used round-robin over all connections."""
+        left = {(kind, port): count for kind, port, count in mix}
+        while left:
+            for key in list(left):
+                self.slots.append((*key, sources[len(self.slots) % len(sources)]))
+                left[key] -= 1
+                if not left[key]:
+                    del left[key]
 
-    async def run(self, *, rate: float = 0.0, reopen_until: float = 0.0) -> None:
+    async def run(
+        self, *, rate: float = 0.0, reopen_until: float = 0.0, reopen_after: float = 0.0
+    ) -> None:
         """Open a connection per slot (`rate` per second, 0: as fast as we can) and hold each
         until the hub closes it; until `reopen_until` (time.monotonic()) a closed one is
-        opened again. Returns when all are closed, or when cancelled."""
+        opened again `reopen_after` seconds later. Returns when all are closed, or when
+        cancelled."""
         async with trio.open_nursery() as nursery:
             for index, slot in enumerate(self.slots):
-                nursery.start_soon(self._slot, *slot, reopen_until)
+                nursery.start_soon(self._slot, *slot, reopen_until, reopen_after)
                 if rate and index % 50 == 49:
                     await trio.sleep(50 / rate)
                 elif index % 50 == 49:
                     await trio.lowlevel.checkpoint()
 
-    async def _slot(self, kind: str, port: int, source: str, reopen_until: float) -> None:
+    async def _slot(
+        self, kind: str, port: int, source: str, reopen_until: float, reopen_after: float
+    ) -> None:
         while True:
             connection = FloodConnection(kind, port, source)
             self.connections.append(connection)
             await open_and_hold(self.target, connection)
             if time.monotonic() >= reopen_until:
                 return
-            if connection.failed:
-                await trio.sleep(0.1)  # e.g. out of ports or file descriptors: not a busy loop
+            # Failed (out of ports or file descriptors): not a busy loop.
+            await trio.sleep(max(reopen_after, 0.1 if connection.failed else 0.0))
 
     def open_now(self) -> int:
         return sum(1 for c in self.connections if c.closed is None and not math.isnan(c.opened))
