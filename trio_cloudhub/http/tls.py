@@ -55,6 +55,9 @@ class OpenSSLStream(trio.abc.Stream):
         self._tls.set_accept_state()
         self._handshake_done = False
         self._eof = False
+        # A send was interrupted (cancelled) with a record taken from OpenSSL and not all
+        # sent: anything written after it would reach the peer as a corrupt record.
+        self._torn = False
 
     async def do_handshake(self, turn: Turn | None = None) -> None:
         """The TLS handshake; `BrokenResourceError` when it fails or the peer goes away.
@@ -122,7 +125,7 @@ class OpenSSLStream(trio.abc.Stream):
     async def aclose(self) -> None:
         """close_notify when the handshake was done (best effort), then close the socket."""
         try:
-            if self._handshake_done:
+            if self._handshake_done and not self._torn:
                 with contextlib.suppress(SSL.Error):
                     self._tls.shutdown()
                 await self._flush_quietly()
@@ -146,7 +149,11 @@ class OpenSSLStream(trio.abc.Stream):
                 return
             if not chunk:
                 return
+            if self._torn:
+                raise trio.BrokenResourceError("an earlier send was interrupted")
+            self._torn = True
             await self.transport.send_all(chunk)
+            self._torn = False
 
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
