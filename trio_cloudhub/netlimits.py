@@ -149,7 +149,7 @@ async def accept_forever(
     serve_one: Callable[[socket.socket], Awaitable[object]],
 ) -> NoReturn:
     """Run `serve_one(connection)` in `nursery` for every connection, a non-blocking stdlib
-    socket with TCP_NODELAY, accepting all that wait (up to ACCEPT_BATCH) per turn."""
+    socket with trio's stream options, accepting all that wait (up to ACCEPT_BATCH) per turn."""
     with sock:
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -168,10 +168,20 @@ async def accept_forever(
                     )
                     await trio.sleep(ACCEPT_RETRY)
                     break
-                connection.setblocking(False)
-                with contextlib.suppress(OSError):
-                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _stream_options(connection)
                 nursery.start_soon(serve_one, connection)
+
+
+def _stream_options(connection: socket.socket) -> None:
+    """What trio.SocketStream sets: no Nagle delay, and at most 16 KiB of unsent bytes in the
+    kernel (backpressure reaches us, so slow links are seen and memory stays bounded)."""
+    connection.setblocking(False)
+    with contextlib.suppress(OSError):
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    lowat = getattr(socket, "TCP_NOTSENT_LOWAT", None)
+    if lowat is not None:
+        with contextlib.suppress(OSError):
+            connection.setsockopt(socket.IPPROTO_TCP, lowat, 2**14)
 
 
 # --- handshake turns ----------------------------------------------------------------------------
