@@ -116,10 +116,12 @@ def stored_versions(hub: HubProcess) -> dict[str, int]:
 
 
 def stored_ack_points(hub: HubProcess) -> int:
+    """Acknowledged versions in the database (not the "0" markers written before a send)."""
     path = hub.data_dir / "store.db"
     uri = f"{path.resolve().as_uri()}?mode=ro"
     with closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-        return int(db.execute("SELECT count(*) FROM ack_points").fetchone()[0])
+        query = "SELECT count(*) FROM ack_points WHERE resource_version != '0'"
+        return int(db.execute(query).fetchone()[0])
 
 
 async def until(check: Callable[[], object], within: float, interval: float = 0.02) -> None:
