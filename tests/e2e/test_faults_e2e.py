@@ -15,7 +15,6 @@ the store had read before the fault; none may be lost.
 from __future__ import annotations
 
 import math
-import os
 import signal
 import sqlite3
 import ssl
@@ -52,6 +51,7 @@ from trio_cloudhub.testing.edge_sim import (
 )
 from trio_cloudhub.testing.edge_storage import V1_10, V1_23, MetaStore
 from trio_cloudhub.testing.hub_process import HOST, HubProcess, hub_process
+from trio_cloudhub.testing.netfaults import stored_versions, write_manifests
 
 GEN = "faults/gen"  # annotation: which version of the test's manifests an object comes from
 RETRY_FIRST = 0.05  # an edge's reconnect back-off: doubling up to RETRY_CAP
@@ -85,14 +85,6 @@ def config_map(name: str, gen: int, data: Mapping[str, str] | None = None) -> di
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": body}
 
 
-def write_manifests(folder: Path, name: str, docs: Iterable[dict[str, Any]]) -> None:
-    """Replace the file atomically, as an editor does: the store never reads half of it."""
-    temp = folder / f".{name}.tmp"
-    text = yaml.dump_all(list(docs), Dumper=DUMPER, sort_keys=False)
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, folder / name)
-
-
 def pod_resource(name: str) -> str:
     return f"default/pod/{name}"
 
@@ -102,17 +94,6 @@ def cm_resource(name: str) -> str:
 
 
 # --- the store's view -----------------------------------------------------------------------
-
-
-def stored_versions(hub: HubProcess) -> dict[str, int]:
-    """Edge resource -> resourceVersion of every object in the store's database (read-only)."""
-    path = hub.data_dir / "store.db"
-    if not path.exists():
-        return {}
-    uri = f"{path.resolve().as_uri()}?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=5)) as db:
-        rows = db.execute("SELECT kind, namespace, name, resource_version FROM objects")
-        return {f"{ns}/{kind.lower()}/{name}": int(rv) for kind, ns, name, rv in rows}
 
 
 def stored_ack_points(hub: HubProcess) -> int:
