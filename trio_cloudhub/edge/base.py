@@ -10,6 +10,12 @@ class EdgeDisconnected(Exception):
     """The edge went away (close frame, TCP reset, TLS error, or we closed it)."""
 
 
+class NeedsTask(Exception):
+    """`receive_nowait()` cannot go on without waiting: the next step is the async
+    `receive()`'s (a frame only the full parser handles, a message too big, the end of the
+    connection). Nothing is lost: the connection keeps what it read."""
+
+
 class EdgeConnection(Protocol):
     @property
     def node_id(self) -> str: ...

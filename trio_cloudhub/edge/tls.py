@@ -26,9 +26,11 @@ import errno
 import socket
 import ssl
 from collections import deque
+from functools import partial
 
 import trio
 
+from trio_cloudhub.edge.poller import ReadPoller, ReadyCallback
 from trio_cloudhub.netlimits import Turn
 
 RECEIVE_BYTES = 16 * 1024
@@ -65,6 +67,7 @@ class TlsTransport:
         "_flush_lock",
         "_incoming",
         "_outgoing",
+        "_parked",
         "_pending",
         "_sock",
         "_ssl",
@@ -92,6 +95,7 @@ class TlsTransport:
         self._timed_out = False  # the kernel gave up on the peer (ETIMEDOUT)
         self._drained = True  # the last receive emptied the socket: wait before the next
         self._unyielded = 0
+        self._parked: tuple[ReadPoller, ReadyCallback] | None = None
 
     # --- handshake and state ------------------------------------------------------------
 
@@ -185,42 +189,84 @@ class TlsTransport:
             await trio.lowlevel.checkpoint()
         else:
             await _checkpoint_if_cancelled()
-        read = self._ssl.read
-        sock = self._sock
         while True:
-            try:
-                data = read(RECEIVE_BYTES)
-            except ssl.SSLWantReadError:
-                pass
-            except ssl.SSLEOFError:
-                return b""  # TCP closed without close_notify
-            except ssl.SSLError as exc:
-                self._broken = f"TLS error: {exc}"
-                raise trio.BrokenResourceError(self._broken) from exc
-            else:
-                if self._outgoing.pending:
-                    self._push_output()  # e.g. the answer to a KeyUpdate
+            data = self._decrypted()
+            if data is not None:
                 self._unyielded += 1
                 return data
-            if self._outgoing.pending:
-                self._push_output()
-            # Then bytes from the socket into the SSLObject (inline: one coroutine frame less
-            # per idle connection).
             if self._drained:
-                await trio.lowlevel.wait_readable(sock)
+                await trio.lowlevel.wait_readable(self._sock)
                 self._unyielded = 0
-            try:
-                raw = sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                self._drained = True
-                continue
-            except OSError as exc:
-                raise self._lose(exc) from exc
-            self._drained = len(raw) < RECEIVE_BYTES
-            if raw:
-                self._incoming.write(raw)
-            else:
-                self._incoming.write_eof()
+            self._received()
+
+    def receive_nowait(self) -> bytes | None:
+        """As `receive_some`, without waiting: None when neither the SSLObject nor the socket
+        has anything to decrypt now. Parked (`park`), the socket is received from only after
+        the poller saw it readable and until a receive leaves it (probably) empty."""
+        if self._sock.fileno() == -1:
+            raise trio.ClosedResourceError(self._broken)
+        while True:
+            data = self._decrypted()
+            if data is not None:
+                return data
+            if self._drained or not self._received():
+                # An empty socket is the poller's to watch (level-triggered: bytes arriving
+                # now make it call again), so no recv is spent on learning it is empty.
+                return None
+
+    def _decrypted(self) -> bytes | None:
+        """What the SSLObject decrypts now (b"" at EOF); None when it needs more bytes."""
+        incoming = self._incoming
+        if not incoming.pending and not incoming.eof and not self._ssl.pending():
+            return None  # nothing to decrypt: spare the read its SSLWantReadError
+        try:
+            data: bytes | None = self._ssl.read(RECEIVE_BYTES)
+        except ssl.SSLWantReadError:
+            data = None
+        except ssl.SSLEOFError:
+            return b""  # TCP closed without close_notify
+        except ssl.SSLError as exc:
+            self._broken = f"TLS error: {exc}"
+            raise trio.BrokenResourceError(self._broken) from exc
+        if self._outgoing.pending:
+            self._push_output()  # e.g. the answer to a KeyUpdate
+        return data
+
+    def _received(self) -> bool:
+        """Bytes from the socket into the SSLObject (EOF included); False when it has none."""
+        try:
+            raw = self._sock.recv(RECEIVE_BYTES)
+        except BlockingIOError:
+            self._drained = True
+            return False
+        except OSError as exc:
+            raise self._lose(exc) from exc
+        self._drained = len(raw) < RECEIVE_BYTES
+        if raw:
+            self._incoming.write(raw)
+        else:
+            self._incoming.write_eof()
+        return True
+
+    # --- parking: reads by the hub's poller (edge.poller) ---------------------------------
+
+    def park(self, poller: ReadPoller, callback: ReadyCallback) -> None:
+        """Have `poller` call `callback` while the socket is readable (`receive_nowait` then
+        reads); `abort()` unparks and calls it once more, so its owner learns of the end."""
+        self.unpark()
+        on_ready = partial(self._on_ready, callback)
+        self._parked = (poller, on_ready)
+        poller.register(self._sock.fileno(), on_ready)
+
+    def _on_ready(self, callback: ReadyCallback) -> bool:
+        self._drained = False  # the poller saw the socket readable: the next read receives
+        return callback()
+
+    def unpark(self) -> None:
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            parked[0].unregister(self._sock.fileno(), parked[1])
 
     async def _receive_raw(self) -> bool:
         """Bytes from the socket into the SSLObject (the handshake's reads); False at EOF."""
@@ -358,7 +404,11 @@ class TlsTransport:
         trio.ClosedResourceError. Idempotent."""
         if not self._broken:
             self._broken = "closed by us"
+        parked = self._parked
+        self.unpark()  # before the close: the descriptor's number may be reused at once
         sock = self._sock
         if sock.fileno() != -1:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+        if parked is not None:
+            parked[1]()  # its owner reads, finds the socket closed and wakes its task

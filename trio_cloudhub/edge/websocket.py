@@ -51,7 +51,8 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from trio_cloudhub.config import DEFAULT_PROJECT_ID
-from trio_cloudhub.edge.base import ConnectionHandler, EdgeDisconnected
+from trio_cloudhub.edge.base import ConnectionHandler, EdgeDisconnected, NeedsTask
+from trio_cloudhub.edge.poller import ReadPoller, ReadyCallback
 from trio_cloudhub.edge.tls import TlsTransport, detach_socket, server_context_options
 from trio_cloudhub.listen import open_tcp_listeners
 from trio_cloudhub.netlimits import (
@@ -300,6 +301,62 @@ class WebSocketConnection:
                     return message
             # No await between the read and here: a cancelled receive() loses no bytes.
             self._buffer += data
+
+    def receive_nowait(self) -> str | bytes | None:
+        """The next whole message if the fast path has it without waiting; None when no whole
+        message is here and the socket has nothing more now. Raises NeedsTask when the next
+        step is `receive()`'s (wsproto's frames, a message too big, the connection's end)."""
+        if self._ws_events or self._delegated or self._fragmented or self._closed:
+            raise NeedsTask
+        transport = self.transport
+        assert isinstance(transport, TlsTransport)  # `parkable`
+        mask_bit, max_size = self._mask_bit, self._max_message_size
+        while True:
+            buffer = self._buffer
+            if buffer:
+                end, message = _parse_frame(buffer, mask_bit, max_size)
+                if message is not None:
+                    if end < len(buffer):
+                        del buffer[:end]
+                    else:  # a new empty buffer: the old one keeps its largest size
+                        self._buffer = bytearray()
+                    return message
+                if end != _NEED_MORE:
+                    raise NeedsTask
+            try:
+                data = transport.receive_nowait()
+            except _BROKEN as exc:
+                self._fail(self._lost(exc))
+                raise NeedsTask from None
+            if data is None:
+                return None
+            if not data:
+                self._fail("closed without a close frame")
+                raise NeedsTask
+            if not buffer:  # as in receive(): a read that starts with a whole message
+                end, message = _parse_frame(data, mask_bit, max_size)
+                if message is not None:
+                    if end < len(data):
+                        self._buffer += memoryview(data)[end:]
+                    return message
+            self._buffer += data
+
+    @property
+    def parkable(self) -> bool:
+        """Whether `park` works: a TLS socket the hub's poller can watch."""
+        return isinstance(self.transport, TlsTransport)
+
+    def park(self, poller: ReadPoller, callback: ReadyCallback) -> None:
+        """`poller` calls `callback` while the socket is readable, and once more when the
+        connection is aborted (see `TlsTransport.park`)."""
+        transport = self.transport
+        assert isinstance(transport, TlsTransport)
+        transport.park(poller, callback)
+
+    def unpark(self) -> None:
+        transport = self.transport
+        if isinstance(transport, TlsTransport):
+            transport.unpark()
 
     async def _next_buffered(self) -> str | bytes | None:
         """The next message from the bytes already received; None when more are needed."""

@@ -31,6 +31,7 @@ from trio_cloudhub.core.message import (
 )
 from trio_cloudhub.core.rules import Downstream, Upstream, classify_downstream
 from trio_cloudhub.edge.base import EdgeConnection
+from trio_cloudhub.edge.poller import make_poller
 from trio_cloudhub.hub.claims import ClaimRefused, Claims, SoleProcess
 from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
@@ -132,6 +133,7 @@ class Hub:
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
         self._session_added = trio.Event()
         self.timers = Timers()  # keepalive checks, ACK timeouts, back-off: run_timers()
+        self.poller = make_poller()  # reads the sessions' idle connections: run_timers()
         self.frames = FrameEncoder()  # a change's content encoded once for all its nodes
         self.upstream = UpstreamDispatcher(self._handle_upstream)
         self._volume_waiters: dict[str, _VolumeWaiter] = {}  # request msg_id -> waiter
@@ -194,8 +196,15 @@ class Hub:
         return queued
 
     async def run_timers(self) -> None:
-        """The sessions' deadlines (see `hub.timers`); runs beside the sessions."""
-        await self.timers.run()
+        """The sessions' deadlines (see `hub.timers`) and the poller that reads their idle
+        connections (`edge.poller`); runs beside the sessions."""
+        poller = self.poller
+        if poller is None:
+            await self.timers.run()
+            return
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.timers.run)
+            nursery.start_soon(poller.run)
 
     async def reconcile_forever(self) -> None:
         """Every `reconcile_interval` seconds, reconcile each connected node (asleep while

@@ -29,6 +29,7 @@ import math
 from functools import partial
 from typing import TYPE_CHECKING
 
+import outcome
 import trio
 
 from trio_cloudhub.core import codec
@@ -44,7 +45,8 @@ from trio_cloudhub.core.message import (
     object_uid,
 )
 from trio_cloudhub.core.rules import Upstream, as_sent_to, classify_upstream, control_reply
-from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected
+from trio_cloudhub.edge.base import EdgeConnection, EdgeDisconnected, NeedsTask
+from trio_cloudhub.edge.websocket import WebSocketConnection
 from trio_cloudhub.hub.node import NodeEntry, NodeSessionHandle, wall_ms
 from trio_cloudhub.store.reconcile import SENT_RV
 
@@ -56,6 +58,13 @@ IN_FLIGHT_POLL = 0.25  # how often a copy still in transit at its ACK deadline i
 # The longest a first send waits for its "0" marker to be durable: a store that cannot write
 # (disk full, API down) delays first sends by this much, it does not stop them.
 MARKER_WAIT = 2.0
+# Frames a parked session handles per call of the poller's callback before the next
+# connection's turn (the rest are read in the poller's next round).
+DRAIN_FRAMES = 32
+# What `_drain_fast` answers when it does not return a frame.
+_DRAINED = object()  # the socket is empty: park
+_AGAIN = object()  # DRAIN_FRAMES handled; more may be buffered
+_ASYNC = object()  # the async `receive()` must take the next step
 
 
 class SessionEnded(Exception):
@@ -81,6 +90,9 @@ class NodeSession(NodeSessionHandle):
         self._nursery: trio.Nursery | None = None  # open while the session reads
         self._flushing = False
         self._in_transit_since = math.inf  # the in-flight copy was still on its way then
+        self._buckets: list[tuple[str, TokenBucket, bool]] = []  # upstream limits
+        self._parked_task: trio.lowlevel.Task | None = None  # asleep while the poller reads
+        self._owed_wait = 0.0  # a frame handed over by the poller was over the limits
         # The bound on a flush, when the transport does not bound stalls itself.
         timeout = hub.settings.write_timeout
         self._write_timeout = timeout if timeout > 0 and not conn.stall_timeout else math.inf
@@ -90,6 +102,8 @@ class NodeSession(NodeSessionHandle):
         self._count_received = metrics.count_received
         self._count_retransmission = metrics.count_retransmission
         self._observe_ack_latency = metrics.observe_ack_latency
+        # A send that awaits an ACK tells the poller not to linger (edge.poller).
+        self._hurry = hub.poller.hurry if hub.poller is not None else _no_hurry
 
     async def run(self) -> None:
         timers = self.hub.timers
@@ -164,26 +178,19 @@ class NodeSession(NodeSessionHandle):
     # --- upstream ---------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        receive = self.conn.receive
+        conn = self.conn
+        parked = isinstance(conn, WebSocketConnection) and conn.parkable
+        parked = parked and self.hub.poller is not None and not self._tracing
+        receive = conn.receive
         max_size = self._settings.max_message_size
-        fast = not self._tracing
-        buckets = _upstream_buckets(self._settings, trio.current_time())
+        self._buckets = _upstream_buckets(self._settings, trio.current_time())
         while True:
-            frame = await receive()
-            if buckets:
-                await self._throttle(buckets, len(frame))
-            if fast and isinstance(frame, str) and len(frame) <= max_size:
-                # EdgeCore's keepalives and ACKs, without a JSON decode (core.fast_upstream).
-                found = fast_upstream(frame)
-                if found is not None:
-                    kind, parent_msg_id = found
-                    if kind is Upstream.KEEPALIVE:
-                        self._count_received(OP_KEEPALIVE)
-                        self._on_keepalive()
-                    else:
-                        self._count_received(OP_RESPONSE)
-                        self._on_ack(parent_msg_id)
-                    del frame, found, parent_msg_id
+            if parked:
+                frame = await self._next_parked()
+            else:
+                frame = await receive()
+                await self._throttle(len(frame))
+                if not self._tracing and self._take_fast(frame):
                     continue
             try:
                 message = codec.decode(frame, max_size)
@@ -193,17 +200,129 @@ class NodeSession(NodeSessionHandle):
             await self._handle(message)
             del message
 
-    async def _throttle(self, buckets: list[tuple[str, TokenBucket, bool]], size: int) -> None:
-        """Wait while the edge is over its upstream limits (TCP holds what it sends)."""
+    def _take_fast(self, frame: str | bytes) -> bool:
+        """Handle EdgeCore's keepalives and ACKs without a JSON decode (core.fast_upstream);
+        False for any other frame."""
+        if not isinstance(frame, str) or len(frame) > self._settings.max_message_size:
+            return False
+        found = fast_upstream(frame)
+        if found is None:
+            return False
+        kind, parent_msg_id = found
+        if kind is Upstream.KEEPALIVE:
+            self._count_received(OP_KEEPALIVE)
+            self._on_keepalive()
+        else:
+            self._count_received(OP_RESPONSE)
+            self._on_ack(parent_msg_id)
+        return True
+
+    # --- reading parked on the hub's poller (edge.poller) -----------------------------
+
+    async def _next_parked(self) -> str | bytes:
+        """The next frame the fast path does not handle, throttled. Fast frames are handled
+        here while bytes are buffered, then by the poller's callback while the task sleeps."""
+        while True:
+            found = self._drain_fast()
+            if found is _AGAIN:
+                await trio.lowlevel.checkpoint()
+                continue
+            if found is _DRAINED:
+                found = await self._park()
+            if found is _ASYNC:
+                frame = await self.conn.receive()
+                await self._throttle(len(frame))
+                if self._take_fast(frame):
+                    continue
+                return frame
+            assert isinstance(found, (str, bytes))
+            wait, self._owed_wait = self._owed_wait, 0.0
+            if wait:
+                await trio.sleep(wait)
+                if self._take_fast(found):
+                    continue
+            return found
+
+    def _drain_fast(self) -> object:
+        """Handle what can be read now without waiting: _DRAINED once the socket is empty,
+        _AGAIN after DRAIN_FRAMES frames, _ASYNC when `receive()` must go on, or a frame the
+        fast path does not handle (or one over the upstream limits: `_owed_wait`)."""
+        conn = self.conn
+        assert isinstance(conn, WebSocketConnection)
+        buckets = self._buckets
+        for _ in range(DRAIN_FRAMES):
+            try:
+                frame = conn.receive_nowait()
+            except NeedsTask:
+                return _ASYNC
+            if frame is None:
+                return _DRAINED
+            if buckets:
+                wait = self._take_tokens(len(frame))
+                if wait:
+                    self._owed_wait = wait
+                    return frame
+            if not self._take_fast(frame):
+                return frame
+        return _AGAIN
+
+    async def _park(self) -> object:
+        """Sleep until the poller's callback hands over (what `_drain_fast` returned)."""
+        conn = self.conn
+        assert isinstance(conn, WebSocketConnection)
+        assert self.hub.poller is not None
+        self._parked_task = trio.lowlevel.current_task()
+        conn.park(self.hub.poller, self._on_readable)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            self._parked_task = None
+            conn.unpark()
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _on_readable(self) -> bool:
+        """The poller's callback: True to be called again (more bytes are buffered)."""
+        try:
+            found = self._drain_fast()
+        except Exception as exc:  # the task raises it, as it would have read it itself
+            self._hand_over(outcome.Error(exc))
+            return False
+        if found is _DRAINED:
+            return False
+        if found is _AGAIN:
+            return True
+        self._hand_over(outcome.Value(found))
+        return False
+
+    def _hand_over(self, result: outcome.Outcome[object]) -> None:
+        self._unpark_conn()
+        task, self._parked_task = self._parked_task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task, result)
+
+    def _unpark_conn(self) -> None:
+        conn = self.conn
+        if isinstance(conn, WebSocketConnection):
+            conn.unpark()
+
+    def _take_tokens(self, size: int) -> float:
+        """Spend from the upstream buckets; the seconds to wait before reading on."""
         now = trio.current_time()
         wait = 0.0
-        for kind, bucket, by_bytes in buckets:
+        for kind, bucket, by_bytes in self._buckets:
             needed = bucket.take(size if by_bytes else 1, now)
             if needed > 0:
                 self.hub.note_limited(self.node_id, kind, f"sends faster than its {kind} limit")
                 wait = max(wait, needed)
-        if wait:
-            await trio.sleep(wait)
+        return wait
+
+    async def _throttle(self, size: int) -> None:
+        """Wait while the edge is over its upstream limits (TCP holds what it sends)."""
+        if self._buckets:
+            wait = self._take_tokens(size)
+            if wait:
+                await trio.sleep(wait)
 
     async def _handle(self, message: Message) -> None:
         self._count_received(message.operation)
@@ -346,6 +465,7 @@ class NodeSession(NodeSessionHandle):
                 self._trace(f"sending (attempt {action.attempt})", delivery.message)
             if not self._write(self._frame):
                 return
+            self._hurry(now)
             if action.attempt == 1:
                 self._count_sent(delivery.message.operation)
             else:
@@ -375,6 +495,10 @@ class NodeSession(NodeSessionHandle):
                 self._trace("sending (no ACK)", message)
             if self._write(self.hub.frames.for_edge(message)):
                 self._count_sent(message.operation)
+
+
+def _no_hurry(now: float) -> None:
+    pass
 
 
 def _upstream_buckets(settings: HubSettings, now: float) -> list[tuple[str, TokenBucket, bool]]:
