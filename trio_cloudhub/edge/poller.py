@@ -37,7 +37,7 @@ MAX_EVENTS = 1024
 # the keepalives of thousands of idle edges are read a batch per wake-up instead of one each
 # (a wake-up costs about as much as reading one keepalive). Anything but a keepalive or an
 # ACK is read at most this late while the hub is idle.
-LINGER = 0.02
+LINGER = 0.1
 # A delivery makes the poller read without lingering for this long (ACKs are awaited).
 BUSY_HOLD = 1.0  # ready descriptors taken per round; the rest wait for the next round
 
@@ -86,13 +86,15 @@ class ReadPoller:
         epoll = self._epoll
         try:
             while True:
-                if self._again:
-                    await trio.lowlevel.checkpoint()
-                else:
+                events = epoll.poll(0, MAX_EVENTS)
+                if not events and not self._again:
                     await trio.lowlevel.wait_readable(epoll.fileno())
-                self._round(epoll.poll(0, MAX_EVENTS))
+                    continue
+                self._round(events)
                 if self.linger > 0 and trio.current_time() >= self._busy_until:
                     await self._linger_a_while()
+                else:
+                    await trio.lowlevel.checkpoint()
         finally:
             epoll.close()
 

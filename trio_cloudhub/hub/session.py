@@ -5,6 +5,11 @@ Rules (spec 6.2, design 3):
   (`EdgeConnection.send_nowait`) and happens in the task that made a message sendable: the
   store routing a change, the reader handling the ACK of the message before it, the hub's
   timers (retransmission, back-off). No task waits for work, so an idle edge costs one task;
+- on a WebSocket over our TLS (Linux), the task parks while the socket is empty and the
+  hub's poller (`edge.poller`) reads for it: keepalives and ACKs in EdgeCore's shape are
+  handled in the poller's task, a batch of connections per wake-up; any other frame, the
+  upstream limits' waits and the connection's end wake the session's task, which handles
+  them as it would have read them itself and parks again;
 - no keepalive for `keepaliveInterval` seconds ends the session (a timer compares the time
   of the last keepalive; other messages do not count);
 - ACK-mode messages go one at a time (stop-and-wait), the same frame re-sent every
