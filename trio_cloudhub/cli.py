@@ -6,6 +6,7 @@ These names and flags are what scripts and the container call; keep them stable.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -199,8 +200,17 @@ modules:
 """
 
 
+# The cyclic collector's thresholds for a hub process. With Python's (700, 10, 10) a hub
+# holding thousands of sessions runs a full collection every few seconds while edges connect,
+# each taking ~170 ms at 3,000 edges (measured: 7 full collections, 1.2 s, connecting 3,000
+# edges; with these thresholds none, and 0.45 s of collection in all). Almost every object
+# the hub makes is freed by its reference count; cycles are rare and small.
+GC_THRESHOLDS = (20_000, 50, 100)
+
+
 def _serve(config: Config, args: argparse.Namespace) -> int:
     level = level_for(args.verbosity, config.trio_cloud_hub.log_level)
+    gc.set_threshold(*GC_THRESHOLDS)
     if args.worker:
         index, fd, ports = _worker_flag(args.worker)
         setup_logging(level, worker=str(index))
