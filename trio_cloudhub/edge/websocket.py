@@ -660,6 +660,10 @@ def _unmask(data: bytes | bytearray, start: int, length: int) -> bytes | bytearr
     """The payload of the frame whose masking key is at data[start:start + 4], unmasked."""
     key = bytes(data[start : start + 4])
     start += 4
+    if length <= _UNMASK_BY_INT:  # a copy of a small payload is cheaper than a view
+        masked = int.from_bytes(data[start : start + length], "little")
+        keys = int.from_bytes((key * ((length >> 2) + 1))[:length], "little")
+        return (masked ^ keys).to_bytes(length, "little")
     with memoryview(data) as view, view[start : start + length] as payload:
         return _xor_mask(payload, key)
 
