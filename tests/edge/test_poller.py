@@ -47,12 +47,17 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 # --- the poller alone ---------------------------------------------------------------------
 
 
+def start_poller(nursery: trio.Nursery, linger: float) -> ReadPoller:
+    poller = ReadPoller()
+    poller.linger = linger
+    nursery.start_soon(poller.run)
+    return poller
+
+
 async def test_a_readable_socket_calls_its_callback_until_unregistered(
     nursery: trio.Nursery,
 ) -> None:
-    poller = ReadPoller()
-    poller.linger = 0
-    nursery.start_soon(poller.run)
+    poller = start_poller(nursery, linger=0)
     a, b = socket.socketpair()
     a.setblocking(False)
     received: list[bytes] = []
@@ -78,9 +83,7 @@ async def test_a_readable_socket_calls_its_callback_until_unregistered(
 async def test_a_callback_with_bytes_left_is_called_again_and_one_that_raises_is_dropped(
     nursery: trio.Nursery,
 ) -> None:
-    poller = ReadPoller()
-    poller.linger = 0
-    nursery.start_soon(poller.run)
+    poller = start_poller(nursery, linger=0)
     a, b = socket.socketpair()
     c, d = socket.socketpair()
     calls = {"again": 0, "broken": 0}
@@ -109,9 +112,7 @@ async def test_a_callback_with_bytes_left_is_called_again_and_one_that_raises_is
 async def test_a_reused_descriptor_number_keeps_its_new_registration(
     nursery: trio.Nursery,
 ) -> None:
-    poller = ReadPoller()
-    poller.linger = 0
-    nursery.start_soon(poller.run)
+    poller = start_poller(nursery, linger=0)
     old, old_peer = socket.socketpair()
     number = old.fileno()
     poller.register(number, lambda: False)
@@ -131,9 +132,7 @@ async def test_a_reused_descriptor_number_keeps_its_new_registration(
 
 
 async def test_hurry_ends_a_linger_at_once(nursery: trio.Nursery) -> None:
-    poller = ReadPoller()
-    poller.linger = 30.0
-    nursery.start_soon(poller.run)
+    poller = start_poller(nursery, linger=30.0)
     a, b = socket.socketpair()
     got: list[bytes] = []
     with trio.fail_after(5), a, b:
@@ -179,13 +178,18 @@ def parked(th: TestHub) -> int:
     return len(th.hub.poller)
 
 
+async def connect_parked(th: TestHub, pki: Pki) -> WebSocketConnection:
+    """edge-1 connected over WSS, its first keepalive sent, its session parked."""
+    edge = await dial(await serve_hub(th, pki), pki)
+    await edge.send(codec.encode(keepalive_message()))
+    await wait_until(lambda: "edge-1" in th.hub.sessions and parked(th) == 1, "park")
+    return edge
+
+
 async def test_a_parked_session_delivers_and_hands_odd_frames_to_its_task(pki: Pki) -> None:
     with trio.fail_after(20):
         async with open_test_hub(settings=SETTINGS) as th:
-            port = await serve_hub(th, pki)
-            edge = await dial(port, pki)
-            await edge.send(codec.encode(keepalive_message()))
-            await wait_until(lambda: "edge-1" in th.hub.sessions and parked(th) == 1, "park")
+            edge = await connect_parked(th, pki)
             session = th.hub.sessions["edge-1"]
             rounds = th.hub.poller.rounds if th.hub.poller else 0
 
@@ -233,10 +237,7 @@ async def test_a_parked_session_delivers_and_hands_odd_frames_to_its_task(pki: P
 async def test_a_session_ended_by_the_hub_while_parked_unparks(pki: Pki) -> None:
     with trio.fail_after(20):
         async with open_test_hub(settings=SETTINGS) as th:
-            port = await serve_hub(th, pki)
-            edge = await dial(port, pki)
-            await edge.send(codec.encode(keepalive_message()))
-            await wait_until(lambda: "edge-1" in th.hub.sessions and parked(th) == 1, "park")
+            edge = await connect_parked(th, pki)
             th.hub.sessions["edge-1"].end("test ends it")
             await wait_until(lambda: "edge-1" not in th.hub.sessions, "session end")
             assert parked(th) == 0

@@ -314,12 +314,8 @@ class WebSocketConnection:
         while True:
             buffer = self._buffer
             if buffer:
-                end, message = _parse_frame(buffer, mask_bit, max_size)
+                end, message = self._take_fast_frame()
                 if message is not None:
-                    if end < len(buffer):
-                        del buffer[:end]
-                    else:  # a new empty buffer: the old one keeps its largest size
-                        self._buffer = bytearray()
                     return message
                 if end != _NEED_MORE:
                     raise NeedsTask
@@ -375,12 +371,8 @@ class WebSocketConnection:
                 del buffer[:count]
                 continue
             if not self._fragmented:
-                end, message = _parse_frame(buffer, self._mask_bit, self._max_message_size)
+                end, message = self._take_fast_frame()
                 if message is not None:
-                    if end < len(buffer):
-                        del buffer[:end]
-                    else:  # a new empty buffer: the old one keeps its largest size
-                        self._buffer = bytearray()
                     return message
                 if end == _NEED_MORE:
                     return None
@@ -396,6 +388,17 @@ class WebSocketConnection:
                 self._fragmented = not first & 0x80  # until a frame with FIN ends the message
             self._delegated = length
         return None
+
+    def _take_fast_frame(self) -> tuple[int, str | bytes | None]:
+        """`_parse_frame` on the buffer; a message found is removed from it."""
+        buffer = self._buffer
+        end, message = _parse_frame(buffer, self._mask_bit, self._max_message_size)
+        if message is not None:
+            if end < len(buffer):
+                del buffer[:end]
+            else:  # a new empty buffer: the old one keeps its largest size
+                self._buffer = bytearray()
+        return end, message
 
     def _feed_ws(self, data: bytes | bytearray) -> None:
         try:
