@@ -162,6 +162,9 @@ class TrioCloudHub:
     warning_period_seconds: float = 60.0
     # Processes serving edges on the same ports (`serve --workers N`); 1: one process.
     workers: int = 1
+    # host:port of a plain-HTTP listener for /readyz and /livez only, served by a thread
+    # that never waits behind TLS handshakes (floods); empty: off (HTTPS probes only).
+    probe_bind_address: str = ""
 
 
 @attrs.frozen
@@ -378,6 +381,9 @@ def validate(config: Config) -> list[str]:
         problems.append(f"apiVersion must be one of {', '.join(API_VERSIONS)} @ $.apiVersion")
     if not _is_host_port(config.common_config.monitor_server.bind_address):
         problems.append("must be host:port @ $.commonConfig.monitorServer.bindAddress")
+    probes = config.trio_cloud_hub.probe_bind_address
+    if probes and not _is_host_port(probes):
+        problems.append("must be host:port @ $.trioCloudHub.probeBindAddress")
     if config.kind != KIND:
         problems.append(f"kind must be {KIND!r} @ $.kind")
     hub = config.cloud_hub

@@ -24,6 +24,7 @@ from OpenSSL import SSL
 
 from trio_cloudhub.config import Config
 from trio_cloudhub.http.certs_store import HubCredentials, utc_now
+from trio_cloudhub.http.probes import serve_probes
 from trio_cloudhub.http.routes import (
     CertificateService,
     NodeDirectory,
@@ -100,6 +101,9 @@ async def serve_https(
     bodies = trio.CapacityLimiter(MAX_BODIES)
     handler = partial(_handle_socket, service, Waiting("HTTPS"), turns, bodies, tls_context)
     async with trio.open_nursery() as nursery:
+        probes = config.trio_cloud_hub.probe_bind_address
+        if probes:
+            await nursery.start(partial(serve_probes, probes, ready_check, reuse_port=reuse_port))
         nursery.start_soon(turns.run)
         for listener in listeners:
             nursery.start_soon(accept_forever, listening_socket(listener), nursery, handler)
