@@ -238,9 +238,10 @@ async def new_edge(
 
 
 async def scenario(args: argparse.Namespace, name: str, root: Path) -> dict[str, Any]:
-    (PORTS["probes"],) = free_ports(1)
+    websocket_port, https_port, PORTS["probes"] = free_ports(3)  # one call: three distinct
     hub = HubProcess(
         root,
+        ports=(websocket_port, https_port),
         cloud_hub={"keepaliveInterval": int(3 * args.keepalive)},
         trio_cloud_hub={"probeBindAddress": f"{HOST}:{PORTS['probes']}"},
     )
