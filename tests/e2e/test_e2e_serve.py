@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -71,9 +72,9 @@ def cli(*args: str) -> list[str]:
 
 
 @asynccontextmanager
-async def running_hub(tmp_path: Path) -> AsyncIterator[RunningHub]:
+async def running_hub(tmp_path: Path, extra_config: str = "") -> AsyncIterator[RunningHub]:
     config = tmp_path / "cloudcore.yaml"
-    config.write_text(CONFIG)
+    config.write_text(CONFIG + extra_config)
     data_dir, manifests = tmp_path / "data", tmp_path / "manifests"
     manifests.mkdir()
     command = cli("serve", "--config", str(config), "--data-dir", str(data_dir))
@@ -218,3 +219,33 @@ async def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     assert b"trio-cloudhub: " in result.stderr
     assert b"kube" in result.stderr.lower()
     assert b"Traceback" not in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def plain_get(port: int, path: str) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(f"GET {path} HTTP/1.1\r\nHost: hub\r\n\r\n".encode())
+        answer = b""
+        while chunk := await stream.receive_some():
+            answer += chunk
+        return answer
+
+
+async def test_serve_answers_probes_on_the_plain_probe_address(tmp_path: Path) -> None:
+    """`trioCloudHub.probeBindAddress`: /readyz and /livez over plain HTTP, from `serve`."""
+    port = free_port()
+    extra = f'trioCloudHub: {{probeBindAddress: "127.0.0.1:{port}"}}\n'
+    with trio.fail_after(60):
+        async with running_hub(tmp_path, extra) as hub:
+            while not (await plain_get(port, "/readyz")).startswith(b"HTTP/1.1 200"):  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            assert (await plain_get(port, "/livez")).startswith(b"HTTP/1.1 200")
+            assert (await plain_get(port, "/ca.crt")).startswith(b"HTTP/1.1 404")
+            hub.process.send_signal(signal.SIGTERM)
