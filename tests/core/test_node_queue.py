@@ -482,6 +482,20 @@ def test_drop_no_ack_discards_all() -> None:
     assert queue.pending_count == 1  # the ACK path is untouched
 
 
+def test_no_ack_fifo_bound_holds_after_emptied_and_refilled() -> None:
+    queue = NodeQueue(no_ack_capacity=2)
+    first = no_ack(0)
+    queue.offer_no_ack(first)
+    assert queue.pop_no_ack() is first and queue.no_ack_count == 0 and len(queue) == 0
+    messages = [no_ack(i) for i in range(1, 5)]
+    for message in messages:
+        queue.offer_no_ack(message)
+    assert queue.no_ack_count == 2 and queue.dropped_no_ack == 2
+    assert [queue.pop_no_ack() for _ in range(3)] == [*messages[2:], None]
+    queue.offer_no_ack(no_ack(9))
+    assert queue.drop_no_ack() == 1 and queue.drop_no_ack() == 0
+
+
 def test_no_ack_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         NodeQueue(no_ack_capacity=0)

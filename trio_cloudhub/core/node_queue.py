@@ -85,6 +85,24 @@ def backoff_delay(failures: int, base: float = BACKOFF_BASE, cap: float = BACKOF
 class NodeQueue:
     """Pending downstream messages of one node; rules in the module docstring."""
 
+    # One per node, kept while the node is away: slots, and no no-ACK FIFO while it is empty.
+    __slots__ = (
+        "_backoff_base",
+        "_backoff_cap",
+        "_failures",
+        "_in_flight",
+        "_in_flight_key",
+        "_known",
+        "_no_ack",
+        "_no_ack_capacity",
+        "_pending",
+        "_ready",
+        "_retry_at",
+        "_retry_heap",
+        "_seq",
+        "dropped_no_ack",
+    )
+
     def __init__(
         self,
         no_ack_capacity: int = DEFAULT_NO_ACK_CAPACITY,
@@ -104,7 +122,9 @@ class NodeQueue:
         self._seq = 0
         self._in_flight: Message | None = None
         self._in_flight_key = ""
-        self._no_ack: deque[Message] = deque(maxlen=no_ack_capacity)
+        self._no_ack_capacity = no_ack_capacity
+        # Made on the first no-ACK message, dropped when emptied (an empty deque is 760 bytes).
+        self._no_ack: deque[Message] | None = None
         self.dropped_no_ack = 0
 
     # --- ACK path: admission -------------------------------------------------------------
@@ -253,24 +273,33 @@ class NodeQueue:
 
     def offer_no_ack(self, message: Message) -> bool:
         """Append to the no-ACK FIFO, dropping (and counting) the oldest when full."""
-        if len(self._no_ack) == self._no_ack.maxlen:
+        fifo = self._no_ack
+        if fifo is None:
+            fifo = self._no_ack = deque(maxlen=self._no_ack_capacity)
+        elif len(fifo) == self._no_ack_capacity:
             self.dropped_no_ack += 1
-        self._no_ack.append(message)
+        fifo.append(message)
         return True
 
     def pop_no_ack(self) -> Message | None:
-        return self._no_ack.popleft() if self._no_ack else None
+        fifo = self._no_ack
+        if fifo is None:
+            return None
+        message = fifo.popleft()
+        if not fifo:
+            self._no_ack = None
+        return message
 
     def drop_no_ack(self) -> int:
         """Discard every queued no-ACK message (a session ended); returns how many."""
-        count = len(self._no_ack)
-        self._no_ack.clear()
+        count = self.no_ack_count
+        self._no_ack = None
         return count
 
     @property
     def no_ack_count(self) -> int:
-        return len(self._no_ack)
+        return len(self._no_ack) if self._no_ack is not None else 0
 
     def __len__(self) -> int:
         """Every message held for sending: pending, in flight and no-ACK."""
-        return len(self._pending) + (self._in_flight is not None) + len(self._no_ack)
+        return len(self._pending) + (self._in_flight is not None) + self.no_ack_count

@@ -36,6 +36,7 @@ from trio_cloudhub.hub.claims import ClaimRefused, Claims, SoleProcess
 from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.timers import Timers
+from trio_cloudhub.hub.trim import TRIM_AFTER_CHURN, release_free_memory
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.metrics import Metrics
 from trio_cloudhub.pki.identity import certificate_node, connection_identity_problem
@@ -132,6 +133,7 @@ class Hub:
         self._open_connections = 0
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
         self._session_added = trio.Event()
+        self._sessions_churn = 0  # sessions started or ended since the last heap trim
         self.timers = Timers()  # keepalive checks, ACK timeouts, back-off: run_timers()
         self.poller = make_poller()  # reads the sessions' idle connections: run_timers()
         self.frames = FrameEncoder()  # a change's content encoded once for all its nodes
@@ -221,6 +223,14 @@ class Hub:
                 self.reconcile_node(node_id)
                 if count % 64 == 0:
                     await trio.lowlevel.checkpoint()
+            self.trim_after_churn()
+
+    def trim_after_churn(self) -> None:
+        """After many sessions started or ended: what their handshakes and ends freed goes
+        back to the system (see `hub.trim`)."""
+        if self._sessions_churn >= TRIM_AFTER_CHURN:
+            self._sessions_churn = 0
+            release_free_memory()
 
     def remove_node(self, node_id: str) -> None:
         """The node left the desired state: end its session, drop its queue (logged once)."""
@@ -310,13 +320,26 @@ class Hub:
     async def handle_connection(self, conn: EdgeConnection, transport: str = "memory") -> None:
         """Run one edge connection as the node's session; refuse it if it may not have one.
 
-        `transport` names the edge skin (websocket, quic) in the metrics.
+        `transport` names the edge skin (websocket, quic) in the metrics. One coroutine
+        lives as long as the session (admission and bookkeeping are done by helpers that
+        return): a frame per idle edge less.
         """
         self._open_connections += 1
         connections = self.metrics.connections(transport)
         connections.inc()
         try:
-            await self._handle_connection(conn, transport)
+            grant = await self._admit(conn, transport)
+            if grant is None:
+                return
+            session = self._start_session(conn, transport)
+            try:
+                await session.run()
+            except Exception:
+                log.exception("node %s: session failed", conn.node_id)
+                session.end("internal error")
+            finally:
+                self._end_session(session, grant, transport)
+            await conn.aclose(session.end_reason)
         finally:
             connections.dec()
             self._open_connections -= 1
@@ -324,7 +347,8 @@ class Hub:
                 self._no_connections.set()
                 self._no_connections = trio.Event()
 
-    async def _handle_connection(self, conn: EdgeConnection, transport: str) -> None:
+    async def _admit(self, conn: EdgeConnection, transport: str) -> int | None:
+        """The node's claim (grant) if the connection gets a session, else None (closed)."""
         node_id = conn.node_id
         code, refusal = self._refusal(node_id)
         if not refusal:
@@ -347,13 +371,17 @@ class Hub:
                 extra={**fields, "reason": refusal},
             )
             await conn.aclose(refusal)
-            return
+            return None
         if not self.claims.holds(node_id, grant) or self.draining:
             # Another worker took the node meanwhile (its edge connected again), or a drain.
             reason = "hub shutting down" if self.draining else "replaced by a new connection"
             self.claims.ended(node_id, grant)
             await conn.aclose(reason)
-            return
+            return None
+        return grant
+
+    def _start_session(self, conn: EdgeConnection, transport: str) -> NodeSession:
+        node_id = conn.node_id
         self.metrics.count_handshake(transport, "accepted")
         session = NodeSession(self, self.entry(node_id), conn, transport)
         previous = self.sessions.get(node_id)
@@ -362,6 +390,7 @@ class Hub:
             self.store.record_connection(node_id, _ended(previous))
         self.sessions[node_id] = session
         self._session_added.set()
+        self._sessions_churn += 1
         self.store.record_connection(
             node_id,
             SessionEvent(session.connected_ms, True, transport, conn.remote, conn.project_id),
@@ -374,26 +403,22 @@ class Hub:
             extra={"node": node_id, "transport": transport, "remote": conn.remote},
         )
         self.reconcile_node(node_id)
-        try:
-            await session.run()
-        except Exception:
-            log.exception("node %s: session failed", node_id)
-            session.end("internal error")
-        finally:
-            if self.sessions.get(node_id) is session:
-                del self.sessions[node_id]
-                self.store.record_connection(node_id, _ended(session))
-                self._abandon_volume_requests(node_id, "disconnected")
-                if not self.settings.queue_while_away:
-                    self.nodes.pop(node_id, None)
-                self.claims.ended(node_id, grant)
-            session.finished.set()
-            reason = session.end_reason or "closed"
-            fields = {"node": node_id, "transport": transport, "remote": conn.remote}
-            log.info(
-                "node %s disconnected: %s", node_id, reason, extra={**fields, "reason": reason}
-            )
-        await conn.aclose(session.end_reason)
+        return session
+
+    def _end_session(self, session: NodeSession, grant: int, transport: str) -> None:
+        node_id, conn = session.node_id, session.conn
+        if self.sessions.get(node_id) is session:
+            del self.sessions[node_id]
+            self._sessions_churn += 1
+            self.store.record_connection(node_id, _ended(session))
+            self._abandon_volume_requests(node_id, "disconnected")
+            if not self.settings.queue_while_away:
+                self.nodes.pop(node_id, None)
+            self.claims.ended(node_id, grant)
+        session.finished.set()
+        reason = session.end_reason or "closed"
+        fields = {"node": node_id, "transport": transport, "remote": conn.remote}
+        log.info("node %s disconnected: %s", node_id, reason, extra={**fields, "reason": reason})
 
     def _refusal(self, node_id: str) -> tuple[str, str]:
         """Why a new connection of `node_id` gets no session, as (metric label, text for the

@@ -28,7 +28,7 @@ class WorkListener(Protocol):
 
 
 class NodeEntry:
-    __slots__ = ("complete_at", "listener", "marked_ahead", "node_id", "queue")
+    __slots__ = ("_marked", "complete_at", "listener", "node_id", "queue")
 
     def __init__(self, node_id: str, no_ack_capacity: int = 1024) -> None:
         self.node_id = node_id
@@ -37,8 +37,32 @@ class NodeEntry:
         # The store's change stamp when reconciliation last found nothing missing.
         self.complete_at: tuple[int, ...] | None = None
         # Objects whose "0" marker was written before their first send (with another
-        # object's): their first send is still an insert.
-        self.marked_ahead: set[str] = set()
+        # object's): their first send is still an insert. Made on the first mark and dropped
+        # when empty: an idle node holds no set (216 bytes).
+        self._marked: set[str] | None = None
+
+    def mark_ahead(self, uid: str) -> None:
+        if self._marked is None:
+            self._marked = set()
+        self._marked.add(uid)
+
+    def take_mark(self, uid: str) -> bool:
+        """Whether `uid` was marked ahead (and no longer is)."""
+        marked = self._marked
+        if marked is None or uid not in marked:
+            return False
+        marked.discard(uid)
+        if not marked:
+            self._marked = None
+        return True
+
+    @property
+    def marked_ahead(self) -> set[str]:
+        """The marked uids as a set to change in place (made if there is none); prefer
+        `mark_ahead`/`take_mark`, which keep no set while nothing is marked."""
+        if self._marked is None:
+            self._marked = set()
+        return self._marked
 
     def notify_ack_work(self) -> None:
         if self.listener is not None:
