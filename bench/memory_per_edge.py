@@ -121,7 +121,8 @@ def one_session() -> dict[str, int]:
     size("NodeEntry", session.entry)
     size("NodeQueue", session.entry.queue)
     queue = session.entry.queue
-    for field, value in vars(queue).items():
+    for field in type(queue).__slots__:
+        value = getattr(queue, field)
         if isinstance(value, dict | list | set) or hasattr(value, "maxlen"):
             sizes[f"NodeQueue.{field}"] = sys.getsizeof(value)
     size("marked_ahead", session.entry._marked)
@@ -178,7 +179,10 @@ class Probe:
             for ask in sorted(self.folder.glob("*.ask")):
                 request = json.loads(ask.read_text() or "{}")
                 ask.unlink()
-                answer = self.measure(ask.stem, request)
+                try:
+                    answer = self.measure(ask.stem, request)
+                except Exception as exc:  # the driver reports it instead of waiting
+                    answer = {"probe_error": repr(exc)}
                 tmp = self.folder / f".{ask.stem}.tmp"
                 tmp.write_text(json.dumps(answer))
                 tmp.replace(self.folder / f"{ask.stem}.json")
@@ -379,6 +383,8 @@ class ProbedHub(bench_run.Hub):
             while not answer.exists():  # noqa: ASYNC110 (written by the hub's probe thread)
                 await trio.sleep(PROBE_POLL)
         figures: dict[str, Any] = json.loads(answer.read_text())
+        if "probe_error" in figures:
+            raise RuntimeError(f"the hub's probe failed: {figures['probe_error']}")
         return figures
 
 
