@@ -1,13 +1,19 @@
-"""Per-node bookkeeping that holds no memory while idle (hub.node, hub.trim)."""
+"""Per-node bookkeeping that holds no memory while idle, and the heap trim after a burst of
+sessions (hub.node, hub.trim)."""
 
 from __future__ import annotations
 
 import sys
 
 import pytest
+import trio
+from trio.testing import MockClock
 
+from trio_cloudhub.hub import hub as hub_module
 from trio_cloudhub.hub import trim
+from trio_cloudhub.hub.hub import HubSettings
 from trio_cloudhub.hub.node import NodeEntry
+from trio_cloudhub.testing.hub import open_test_hub
 
 
 def test_marks_ahead_are_taken_once() -> None:
@@ -39,3 +45,23 @@ def test_an_entry_has_no_instance_dict() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_free_memory_is_released_on_glibc() -> None:
     assert trim.release_free_memory() is True
+
+
+async def test_heap_is_trimmed_once_a_burst_of_connects_is_over(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trims: list[float] = []
+    monkeypatch.setattr(
+        hub_module, "release_free_memory", lambda: trims.append(trio.current_time())
+    )
+    settings = HubSettings(node_limit=2 * trim.TRIM_AFTER_CHURN)
+    with trio.fail_after(120):
+        async with open_test_hub(settings=settings) as th:
+            edges = [await th.connect(f"n{i}") for i in range(trim.TRIM_AFTER_CHURN - 1)]
+            await trio.sleep(10 * trim.BURST_QUIET)
+            assert trims == []  # not enough sessions started for a trim
+            edges.append(await th.connect("last"))
+            burst_end = trio.current_time()
+            await trio.sleep(10 * trim.BURST_QUIET)
+            assert len(trims) == 1 and trims[0] >= burst_end + trim.BURST_QUIET
+            assert len(edges) == trim.TRIM_AFTER_CHURN

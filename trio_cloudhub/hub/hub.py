@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -36,7 +37,7 @@ from trio_cloudhub.hub.claims import ClaimRefused, Claims, SoleProcess
 from trio_cloudhub.hub.node import NodeEntry, wall_ms
 from trio_cloudhub.hub.session import NodeSession
 from trio_cloudhub.hub.timers import Timers
-from trio_cloudhub.hub.trim import TRIM_AFTER_CHURN, release_free_memory
+from trio_cloudhub.hub.trim import BURST_QUIET, TRIM_AFTER_CHURN, TRIM_ANYWAY, release_free_memory
 from trio_cloudhub.hub.upstream import UpstreamDispatcher, UpstreamWork
 from trio_cloudhub.metrics import Metrics
 from trio_cloudhub.pki.identity import certificate_node, connection_identity_problem
@@ -223,14 +224,24 @@ class Hub:
                 self.reconcile_node(node_id)
                 if count % 64 == 0:
                     await trio.lowlevel.checkpoint()
-            self.trim_after_churn()
 
-    def trim_after_churn(self) -> None:
-        """After many sessions started or ended: what their handshakes and ends freed goes
-        back to the system (see `hub.trim`)."""
-        if self._sessions_churn >= TRIM_AFTER_CHURN:
+    def _note_churn(self) -> None:
+        """A session started or ended; after many, once they stop coming for a moment
+        (`BURST_QUIET`), what their handshakes freed goes back to the system (`hub.trim`)."""
+        self._sessions_churn += 1
+        if self._sessions_churn == TRIM_AFTER_CHURN:  # one check chain at a time
+            self.timers.at(trio.current_time() + BURST_QUIET, self._trim_check(TRIM_AFTER_CHURN))
+
+    def _trim_check(self, seen: int) -> Callable[[float], None]:
+        def check(now: float) -> None:
+            churn = self._sessions_churn
+            if churn != seen and churn < TRIM_ANYWAY:  # the burst goes on
+                self.timers.at(now + BURST_QUIET, self._trim_check(churn))
+                return
             self._sessions_churn = 0
             release_free_memory()
+
+        return check
 
     def remove_node(self, node_id: str) -> None:
         """The node left the desired state: end its session, drop its queue (logged once)."""
@@ -390,7 +401,7 @@ class Hub:
             self.store.record_connection(node_id, _ended(previous))
         self.sessions[node_id] = session
         self._session_added.set()
-        self._sessions_churn += 1
+        self._note_churn()
         self.store.record_connection(
             node_id,
             SessionEvent(session.connected_ms, True, transport, conn.remote, conn.project_id),
@@ -409,7 +420,7 @@ class Hub:
         node_id, conn = session.node_id, session.conn
         if self.sessions.get(node_id) is session:
             del self.sessions[node_id]
-            self._sessions_churn += 1
+            self._note_churn()
             self.store.record_connection(node_id, _ended(session))
             self._abandon_volume_requests(node_id, "disconnected")
             if not self.settings.queue_while_away:

@@ -15,8 +15,11 @@ from collections.abc import Callable
 
 log = logging.getLogger("trio_cloudhub.hub")
 # Sessions started or ended since the last trim that make one worth its cost (a walk of the
-# heap: a few milliseconds for a few hundred megabytes).
+# heap), done once none started or ended for BURST_QUIET seconds, or after TRIM_ANYWAY of them
+# however they keep coming (an edge fleet in a reconnect loop).
 TRIM_AFTER_CHURN = 256
+BURST_QUIET = 1.0
+TRIM_ANYWAY = 16 * TRIM_AFTER_CHURN
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
