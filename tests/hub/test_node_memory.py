@@ -24,17 +24,7 @@ def test_marks_ahead_are_taken_once() -> None:
     assert entry.take_mark("u1") is True
     assert entry.take_mark("u1") is False
     assert entry.take_mark("u2") is True
-    assert entry.marked_ahead == set()
-
-
-def test_marked_ahead_set_is_shared_with_the_methods() -> None:
-    entry = NodeEntry("edge-1")
-    entry.marked_ahead.add("u1")  # in place, as a caller of the set does
-    assert "u1" in entry.marked_ahead
-    assert entry.take_mark("u1") is True
-    entry.mark_ahead("u2")
-    entry.marked_ahead.discard("u2")
-    assert entry.take_mark("u2") is False
+    assert entry._marked is None  # no set kept once nothing is marked
 
 
 def test_an_entry_has_no_instance_dict() -> None:

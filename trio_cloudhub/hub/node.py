@@ -56,14 +56,6 @@ class NodeEntry:
             self._marked = None
         return True
 
-    @property
-    def marked_ahead(self) -> set[str]:
-        """The marked uids as a set to change in place (made if there is none); prefer
-        `mark_ahead`/`take_mark`, which keep no set while nothing is marked."""
-        if self._marked is None:
-            self._marked = set()
-        return self._marked
-
     def notify_ack_work(self) -> None:
         if self.listener is not None:
             self.listener.kick()

@@ -399,8 +399,7 @@ class NodeSession(NodeSessionHandle):
         store = self.hub.store
         uid = object_uid(message.content)
         acked = store.acked_version(self.node_id, uid)
-        if uid in self.entry.marked_ahead:
-            self.entry.marked_ahead.discard(uid)
+        if self.entry.take_mark(uid):
             acked = None if acked == SENT_RV else acked  # marked, never sent
         message = as_sent_to(message, acked)  # an insert of what the node may hold: update
         self.start_flight(message)
@@ -432,7 +431,7 @@ class NodeSession(NodeSessionHandle):
             if store.acked_version(node, uid) is None:
                 store.record_sent(node, queued)
                 if queued.operation == OP_INSERT:
-                    self.entry.marked_ahead.add(uid)
+                    self.entry.mark_ahead(uid)
 
     async def _send_once_durable(self, delivery: Delivery, marker: trio.Event) -> None:
         """The first send of an object, once the store holds its "0" marker."""
