@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -171,21 +171,33 @@ def flood_figures(
 
 async def probe_loop(latencies: list[float], failures: list[str]) -> None:
     context = insecure_context()
+
+    async def readyz() -> int:
+        status, _ = await https_get(HOST, PORTS["https"], "/readyz", context)
+        return status
+
     while True:
         began = time.monotonic()
         with trio.move_on_after(PROBE_TIMEOUT) as scope:
-            try:
-                status, _ = await https_get(HOST, PORTS["https"], "/readyz", context)
-            except Exception as exc:
-                failures.append(f"{type(exc).__name__}: {exc}"[:80])
-            else:
-                if status == 200:
-                    latencies.append(time.monotonic() - began)
-                else:
-                    failures.append(f"status {status}")
+            await probe_once(readyz, began, latencies, failures)
         if scope.cancelled_caught:
             failures.append("no answer within 10 s")
         await trio.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - began)))
+
+
+async def probe_once(
+    get: Callable[[], Awaitable[int]], began: float, latencies: list[float], failures: list[str]
+) -> None:
+    """One probe: its latency when it answers 200, else why it failed."""
+    try:
+        status = await get()
+    except Exception as exc:
+        failures.append(f"{type(exc).__name__}: {exc}"[:80])
+        return
+    if status == 200:
+        latencies.append(time.monotonic() - began)
+    else:
+        failures.append(f"status {status}")
 
 
 PORTS: dict[str, int] = {}
@@ -204,17 +216,12 @@ def plain_get(port: int, path: str) -> int:
 async def plain_probe_loop(latencies: list[float], failures: list[str]) -> None:
     """`/readyz` on the plain-HTTP probe port, every PROBE_INTERVAL, in a thread (the bench's
     own loop must not add its delays to the figure)."""
+    async def readyz() -> int:
+        return await trio.to_thread.run_sync(plain_get, PORTS["probes"], "/readyz")
+
     while True:
         began = time.monotonic()
-        try:
-            status = await trio.to_thread.run_sync(plain_get, PORTS["probes"], "/readyz")
-        except Exception as exc:
-            failures.append(f"{type(exc).__name__}: {exc}"[:80])
-        else:
-            if status == 200:
-                latencies.append(time.monotonic() - began)
-            else:
-                failures.append(f"status {status}")
+        await probe_once(readyz, began, latencies, failures)
         await trio.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - began)))
 
 
