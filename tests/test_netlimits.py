@@ -9,6 +9,7 @@ import trio.testing
 
 from trio_cloudhub.netlimits import (
     CALM_WAITING,
+    FIRST_STEP_COST,
     MIN_WAIT,
     HandshakeTurns,
     Wait,
@@ -50,7 +51,7 @@ async def test_the_oldest_from_the_full_source_makes_room() -> None:
 
 
 async def test_a_new_source_gets_a_turn_before_a_crowd_from_another() -> None:
-    turns = HandshakeTurns(per_round=2)
+    turns = HandshakeTurns(budget=2 * FIRST_STEP_COST)
     order: list[str] = []
 
     async def step(name: str, source: str) -> None:
@@ -95,3 +96,32 @@ async def test_every_waiting_connection_is_accepted_in_one_turn(nursery: trio.Nu
     finally:
         for connection in clients + accepted:
             connection.close()
+
+
+async def test_a_vouched_source_steps_ahead_of_an_unknown_crowd() -> None:
+    turns = HandshakeTurns(budget=FIRST_STEP_COST)
+    turns.vouch("probe")
+    order: list[str] = []
+
+    async def step(name: str, source: str) -> None:
+        async with turns.turn(source):
+            order.append(name)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(turns.run)
+            async with trio.open_nursery() as steps:
+                for index in range(40):
+                    steps.start_soon(step, f"flood{index}", "flood")
+                while not order:
+                    await trio.lowlevel.checkpoint()
+                before = len(order)
+                for index in range(3):
+                    steps.start_soon(step, f"probe{index}", "probe")
+            nursery.cancel_scope.cancel()
+    assert len(order) == 43
+    # The first probe step needs no turn; the others of the same round queue, ahead of
+    # the unknown crowd, which still gets a turn per round.
+    assert order.index("probe0") <= before + 2
+    assert order.index("probe2") < 40
+    assert turns.vouched("probe") and not turns.vouched("flood")

@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import NoReturn
@@ -126,7 +127,7 @@ def peer_host(address: object) -> str:
 # Connections accepted per scheduler turn. trio's `SocketListener.accept` takes one per turn,
 # and a turn is long when thousands of connections are busy: the kernel's accept queue then
 # fills up and a probe or an edge waits in it behind the whole flood.
-ACCEPT_BATCH = 256
+ACCEPT_BATCH = 64
 # accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # The connection died in the accept queue (as trio.serve_listeners, these are skipped).
@@ -186,59 +187,125 @@ def _stream_options(connection: socket.socket) -> None:
 
 # --- handshake turns ----------------------------------------------------------------------------
 
-# TLS handshake steps on a ClientHello (the server's first flight: key exchange and
-# signature) handed out per scheduler turn. A handshake step is
-# CPU work that never yields: a thousand TLS hellos make every turn, and so every probe and
-# edge, wait behind a second of cryptography; in turns, round-robin over source addresses,
-# a new client waits behind at most one step per other source.
-TURNS_PER_ROUND = 8
+# TLS handshake steps on received bytes (the server's key exchange and signature on the
+# ClientHello; the client certificate's verification on its second flight: 0.5-1.7 ms of CPU
+# each) are handed out as turns, at most about TURN_BUDGET seconds of them per scheduler round.
+# A step is CPU work that never yields: without turns, a thousand TLS hellos make every round,
+# and so every probe and edge, wait behind a second of cryptography. Turns go round-robin over
+# source addresses, so a new client waits behind at most one step per other source; sources
+# that completed a request or a session lately (`vouch`: probes, edges) go first.
+TURN_BUDGET = 0.004
+# Step cost assumed before any is measured (seconds), and the weight of each new measurement.
+FIRST_STEP_COST = 0.001
+STEP_COST_WEIGHT = 0.1
+# Vouched sources remembered (least recently vouched forgotten first).
+KNOWN_SOURCES = 4096
 # What a handshake enters around each step: `partial(turns.turn, source)`.
 Turn = Callable[[], contextlib.AbstractAsyncContextManager[None]]
 
 
 class HandshakeTurns:
-    """Turns for handshake steps, TURNS_PER_ROUND per scheduler round, fair by source."""
+    """Turns for handshake steps, about `budget` seconds of them per scheduler round, fair by
+    source, vouched sources first (see the comment above)."""
 
-    def __init__(self, per_round: int = TURNS_PER_ROUND) -> None:
-        self.per_round = per_round
-        self._queues: dict[str, collections.deque[trio.Event]] = {}  # round-robin order
+    def __init__(self, budget: float = TURN_BUDGET, known_sources: int = KNOWN_SOURCES) -> None:
+        self.budget = budget
+        self.known_sources = known_sources
+        self.step_cost = FIRST_STEP_COST
+        # Round-robin order in each; vouched sources' queue first.
+        self._vouched: dict[str, collections.deque[trio.Event]] = {}
+        self._others: dict[str, collections.deque[trio.Event]] = {}
+        self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._unqueued: set[str] = set()  # vouched sources that took their step this round
         self._work = trio.Event()
+
+    def vouch(self, source: str) -> None:
+        """`source` just completed a request or a session: its next steps go first."""
+        self._known[source] = None
+        self._known.move_to_end(source)
+        if len(self._known) > self.known_sources:
+            self._known.popitem(last=False)
+
+    def vouched(self, source: str) -> bool:
+        return source in self._known
 
     @contextlib.asynccontextmanager
     async def turn(self, source: str) -> AsyncIterator[None]:
         """Wait for a turn; the step in the block must not await (it is one CPU step)."""
+        if self._unqueued_step(source):
+            with self._measured():
+                yield
+            return
         granted = trio.Event()
-        queue = self._queues.get(source)
+        queues = self._vouched if source in self._known else self._others
+        queue = queues.get(source)
         if queue is None:
-            queue = self._queues[source] = collections.deque()
+            queue = queues[source] = collections.deque()
         queue.append(granted)
         self._work.set()
         try:
             await granted.wait()
         except BaseException:
-            self._forget(source, granted)
+            _forget(queues, source, granted)
             raise
-        yield
+        with self._measured():
+            yield
 
-    def _forget(self, source: str, granted: trio.Event) -> None:
-        queue = self._queues.get(source)
-        if queue is not None and granted in queue:
-            queue.remove(granted)
-            if not queue:
-                del self._queues[source]
+    def _unqueued_step(self, source: str) -> bool:
+        """A vouched source's first step in a round needs no turn (a probe, an edge: no
+        round trip through `run`); more in the same round queue as everyone's."""
+        if source not in self._known or source in self._vouched:
+            return False
+        if source in self._unqueued:
+            return False
+        self._unqueued.add(source)
+        return True
+
+    @contextlib.contextmanager
+    def _measured(self) -> Iterator[None]:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - began
+            self.step_cost += STEP_COST_WEIGHT * (spent - self.step_cost)
+
+    def per_round(self) -> int:
+        return max(1, int(self.budget / max(self.step_cost, 1e-6)))
 
     async def run(self) -> NoReturn:
         """Hand out the turns (one task per port)."""
         while True:
-            if not self._queues:
+            self._unqueued.clear()
+            if not self._vouched and not self._others:
                 self._work = trio.Event()
                 await self._work.wait()
-            for _ in range(self.per_round):
-                if not self._queues:
-                    break
-                source = next(iter(self._queues))
-                queue = self._queues.pop(source)
-                queue.popleft().set()
-                if queue:
-                    self._queues[source] = queue  # to the back of the round
+            turns = self.per_round()
+            # Vouched sources first, but one turn per round stays for the others: a source
+            # vouched for once cannot keep new edges out.
+            first = _grant(self._vouched, max(1, turns - 1) if self._others else turns)
+            _grant(self._others, max(1, turns - first))
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+def _grant(queues: dict[str, collections.deque[trio.Event]], most: int) -> int:
+    """Up to `most` turns, one per source in round-robin order; how many were granted."""
+    granted = 0
+    while queues and granted < most:
+        source = next(iter(queues))
+        queue = queues.pop(source)
+        queue.popleft().set()
+        granted += 1
+        if queue:
+            queues[source] = queue  # to the back of the round
+    return granted
+
+
+def _forget(
+    queues: dict[str, collections.deque[trio.Event]], source: str, granted: trio.Event
+) -> None:
+    queue = queues.get(source)
+    if queue is not None and granted in queue:
+        queue.remove(granted)
+        if not queue:
+            del queues[source]

@@ -102,15 +102,13 @@ class TlsTransport:
     async def do_handshake(self, turn: Turn | None = None) -> None:
         """The TLS handshake; raises trio.BrokenResourceError (cause: the SSLError or
         OSError) when it fails. Bound it with the caller's deadline. `turn`: entered around
-        the first step on received bytes (the server's key exchange and signature: most of
-        the CPU work), e.g. `netlimits.HandshakeTurns.turn`."""
-        gate = turn  # for the first step on received bytes: the ClientHello's key exchange
+        every step on received bytes (the key exchange and signature, the client
+        certificate's verification: the CPU work), e.g. `netlimits.HandshakeTurns.turn`."""
         received = False
         while True:
             try:
-                if received and gate is not None:
-                    step, gate = gate, None
-                    async with step():
+                if received and turn is not None:
+                    async with turn():
                         self._ssl.do_handshake()
                 else:
                     self._ssl.do_handshake()

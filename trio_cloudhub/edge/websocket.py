@@ -841,6 +841,8 @@ async def _serve_connection(
     if connection is None:
         transport.abort()
         return
+    if turns is not None:
+        turns.vouch(host)  # an authenticated edge: its source's handshakes go first
     logger.debug("node %r connected from %s", connection.node_id, remote)
     try:
         await handler(connection)

@@ -141,7 +141,8 @@ async def _handle_connection(
         if scope.cancelled_caught:
             return
         peer_cert = stream.peer_certificate_der()
-        await _serve_requests(service, stream, peer_cert, waiting, bodies, source)
+        vouch = partial(turns.vouch, source) if turns is not None else _nobody
+        await _serve_requests(service, stream, peer_cert, waiting, bodies, source, vouch)
     except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
         # The peer's problem (failed handshake, reset): nothing to answer.
         logger.debug("HTTPS connection ended: %r", exc)
@@ -151,6 +152,10 @@ async def _handle_connection(
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await stream.aclose()
+
+
+def _nobody() -> None:
+    pass
 
 
 def _source(tcp: trio.SocketStream) -> str:
@@ -167,7 +172,10 @@ async def _serve_requests(
     waiting: Waiting,
     bodies: trio.CapacityLimiter,
     source: str,
+    vouch: Callable[[], None],
 ) -> None:
+    """`vouch()` after each request answered without error: the source's next handshakes
+    go first (`netlimits.HandshakeTurns`)."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
     while True:
         request: Request | None = None
@@ -185,6 +193,8 @@ async def _serve_requests(
             return
         response = await _answer(service, request)
         await _send(conn, stream, response, head=request.method == "HEAD")
+        if response.status < 400:
+            vouch()
         if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
             return
         conn.start_next_cycle()

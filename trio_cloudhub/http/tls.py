@@ -61,17 +61,15 @@ class OpenSSLStream(trio.abc.Stream):
 
     async def do_handshake(self, turn: Turn | None = None) -> None:
         """The TLS handshake; `BrokenResourceError` when it fails or the peer goes away.
-        `turn`: entered around the first step on received bytes, the costly one (the key
-        exchange and signature; `netlimits.HandshakeTurns`)."""
+        `turn`: entered around every step on received bytes, the costly ones (the key
+        exchange and signature, the client certificate; `netlimits.HandshakeTurns`)."""
         if self._handshake_done:
             return
-        gate = turn  # for the first step on received bytes: the ClientHello's key exchange
         received = False
         while True:
             try:
-                if received and gate is not None:
-                    step, gate = gate, None
-                    async with step():
+                if received and turn is not None:
+                    async with turn():
                         self._tls.do_handshake()
                 else:
                     self._tls.do_handshake()

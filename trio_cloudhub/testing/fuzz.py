@@ -405,6 +405,7 @@ async def fuzz_http_async(data: bytes) -> str:
                 Waiting("fuzz"),
                 trio.CapacityLimiter(server.MAX_BODIES),
                 "fuzz",
+                lambda: None,
             )
     statuses = _responses(bytes(stream.sent), _methods(data[1:]))
     return ",".join(map(str, statuses)) or "no answer"
