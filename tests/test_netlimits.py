@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import trio
 import trio.testing
@@ -17,6 +18,14 @@ from trio_cloudhub.netlimits import (
     accept_forever,
     listening_socket,
 )
+
+
+def spend_a_step() -> None:
+    """A step as costly as the first estimate: the measured cost, and so the number of turns
+    per round, stays put instead of drifting with how fast this machine appends to a list."""
+    until = time.perf_counter() + FIRST_STEP_COST
+    while time.perf_counter() < until:
+        pass
 
 
 def test_deadlines_shrink_with_the_crowd_down_to_the_minimum() -> None:
@@ -56,6 +65,7 @@ async def test_a_new_source_gets_a_turn_before_a_crowd_from_another() -> None:
 
     async def step(name: str, source: str) -> None:
         async with turns.turn(source):
+            spend_a_step()
             order.append(name)
 
     with trio.fail_after(5):
@@ -105,6 +115,7 @@ async def test_a_vouched_source_steps_ahead_of_an_unknown_crowd() -> None:
 
     async def step(name: str, source: str) -> None:
         async with turns.turn(source):
+            spend_a_step()
             order.append(name)
 
     with trio.fail_after(5):
@@ -120,8 +131,9 @@ async def test_a_vouched_source_steps_ahead_of_an_unknown_crowd() -> None:
                     steps.start_soon(step, f"probe{index}", "probe")
             nursery.cancel_scope.cancel()
     assert len(order) == 43
-    # The first probe step needs no turn; the others of the same round queue, ahead of
-    # the unknown crowd, which still gets a turn per round.
-    assert order.index("probe0") <= before + 2
-    assert order.index("probe2") < 40
+    # One probe step needs no turn; the others of the same round queue ahead of the unknown
+    # crowd, which still gets a turn per round. Which probe task runs first is trio's choice.
+    probes = sorted(order.index(f"probe{index}") for index in range(3))
+    assert probes[0] <= before + 3
+    assert probes[-1] <= before + 8 < 40
     assert turns.vouched("probe") and not turns.vouched("flood")
