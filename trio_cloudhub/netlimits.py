@@ -24,7 +24,7 @@ import os
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import NoReturn
 
 import trio
@@ -217,6 +217,7 @@ class HandshakeTurns:
         self._others: dict[str, collections.deque[trio.Event]] = {}
         self._known: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._unqueued: set[str] = set()  # vouched sources that took their step this round
+        self._spent = 0.0  # CPU of the steps run in this round (reset by `_RoundStart`)
         self._work = trio.Event()
 
     def vouch(self, source: str) -> None:
@@ -229,12 +230,12 @@ class HandshakeTurns:
     def vouched(self, source: str) -> bool:
         return source in self._known
 
-    @contextlib.asynccontextmanager
-    async def turn(self, source: str) -> AsyncIterator[None]:
+    def turn(self, source: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Wait for a turn; the step in the block must not await (it is one CPU step)."""
+        return _Turn(self, source)
+
+    async def wait_for_turn(self, source: str) -> None:
         if self._unqueued_step(source):
-            with self._measured():
-                yield
             return
         granted = trio.Event()
         queues = self._vouched if source in self._known else self._others
@@ -248,12 +249,13 @@ class HandshakeTurns:
         except BaseException:
             _forget(queues, source, granted)
             raise
-        with self._measured():
-            yield
 
     def _unqueued_step(self, source: str) -> bool:
-        """A vouched source's first step in a round needs no turn (a probe, an edge: no
-        round trip through `run`); more in the same round queue as everyone's."""
+        """A step runs at once (no round trip through `run`) while nobody is queued and the
+        round's budget is not spent, or as a vouched source's first step in a round (a probe,
+        an edge); other steps queue."""
+        if not self._vouched and not self._others and self._spent + self.step_cost <= self.budget:
+            return True
         if source not in self._known or source in self._vouched:
             return False
         if source in self._unqueued:
@@ -261,22 +263,29 @@ class HandshakeTurns:
         self._unqueued.add(source)
         return True
 
-    @contextlib.contextmanager
-    def _measured(self) -> Iterator[None]:
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            spent = time.perf_counter() - began
-            self.step_cost += STEP_COST_WEIGHT * (spent - self.step_cost)
+    def spent(self, seconds: float) -> None:
+        """A step took `seconds` of CPU: counted in this round, and in the cost estimate."""
+        self._spent += seconds
+        self.step_cost += STEP_COST_WEIGHT * (seconds - self.step_cost)
 
     def per_round(self) -> int:
         return max(1, int(self.budget / max(self.step_cost, 1e-6)))
 
+    def new_round(self) -> None:
+        self._spent = 0.0
+        self._unqueued.clear()
+
     async def run(self) -> NoReturn:
         """Hand out the turns (one task per port)."""
+        round_start = _RoundStart(self)
+        trio.lowlevel.add_instrument(round_start)
+        try:
+            await self._hand_out()
+        finally:
+            trio.lowlevel.remove_instrument(round_start)
+
+    async def _hand_out(self) -> NoReturn:
         while True:
-            self._unqueued.clear()
             if not self._vouched and not self._others:
                 self._work = trio.Event()
                 await self._work.wait()
@@ -286,6 +295,34 @@ class HandshakeTurns:
             first = _grant(self._vouched, max(1, turns - 1) if self._others else turns)
             _grant(self._others, max(1, turns - first))
             await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+class _Turn:
+    """`HandshakeTurns.turn`: a class, not a generator, as it runs for every TLS step."""
+
+    __slots__ = ("began", "source", "turns")
+
+    def __init__(self, turns: HandshakeTurns, source: str) -> None:
+        self.turns = turns
+        self.source = source
+        self.began = 0.0
+
+    async def __aenter__(self) -> None:
+        await self.turns.wait_for_turn(self.source)
+        self.began = time.perf_counter()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.turns.spent(time.perf_counter() - self.began)
+
+
+class _RoundStart(trio.abc.Instrument):
+    """Tells `turns` when a scheduler round begins (after each I/O wait: once per round)."""
+
+    def __init__(self, turns: HandshakeTurns) -> None:
+        self.turns = turns
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.turns.new_round()
 
 
 def _grant(queues: dict[str, collections.deque[trio.Event]], most: int) -> int:
