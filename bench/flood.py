@@ -31,6 +31,7 @@ import argparse
 import json
 import resource
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -47,7 +48,6 @@ from trio_cloudhub.testing.edge_sim import (
     EdgeIdentity,
     SimEdge,
     bootstrap,
-    https_get,
     start_sim_edge,
 )
 from trio_cloudhub.testing.flood import (
@@ -169,22 +169,6 @@ def flood_figures(
 # --- one scenario -----------------------------------------------------------------------------
 
 
-async def probe_loop(latencies: list[float], failures: list[str]) -> None:
-    context = insecure_context()
-
-    async def readyz() -> int:
-        status, _ = await https_get(HOST, PORTS["https"], "/readyz", context)
-        return status
-
-    while True:
-        began = time.monotonic()
-        with trio.move_on_after(PROBE_TIMEOUT) as scope:
-            await probe_once(readyz, began, latencies, failures)
-        if scope.cancelled_caught:
-            failures.append("no answer within 10 s")
-        await trio.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - began)))
-
-
 async def probe_once(
     get: Callable[[], Awaitable[int]], began: float, latencies: list[float], failures: list[str]
 ) -> None:
@@ -200,29 +184,33 @@ async def probe_once(
         failures.append(f"status {status}")
 
 
-PORTS: dict[str, int] = {}
-
-
-def plain_get(port: int, path: str) -> int:
-    """A blocking plain-HTTP GET, as a kubelet probe on `probeBindAddress`: the status."""
-    with socket.create_connection((HOST, port), timeout=PROBE_TIMEOUT) as sock:
-        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: hub\r\n\r\n".encode())
+def blocking_get(port: int, path: str, context: ssl.SSLContext | None) -> int:
+    """A blocking GET, as a kubelet probe (over TLS when `context` is given): the status."""
+    with socket.create_connection((HOST, port), timeout=PROBE_TIMEOUT) as tcp:
+        sock = context.wrap_socket(tcp) if context is not None else tcp
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := sock.recv(4096):
             answer += chunk
     return int(answer.split()[1])
 
 
-async def plain_probe_loop(latencies: list[float], failures: list[str]) -> None:
-    """`/readyz` on the plain-HTTP probe port, every PROBE_INTERVAL, in a thread (the bench's
-    own loop must not add its delays to the figure)."""
+async def probe_loop(
+    port: str, context: ssl.SSLContext | None, latencies: list[float], failures: list[str]
+) -> None:
+    """`/readyz` every PROBE_INTERVAL on a new connection, in a thread: the bench's own loop
+    (new edges, the flood's bookkeeping) must not add its delays to the figure."""
+
     async def readyz() -> int:
-        return await trio.to_thread.run_sync(plain_get, PORTS["probes"], "/readyz")
+        return await trio.to_thread.run_sync(blocking_get, PORTS[port], "/readyz", context)
 
     while True:
         began = time.monotonic()
         await probe_once(readyz, began, latencies, failures)
         await trio.sleep(max(0.0, PROBE_INTERVAL - (time.monotonic() - began)))
+
+
+PORTS: dict[str, int] = {}
 
 
 async def rss_loop(pid: int, samples: list[int]) -> None:
@@ -314,8 +302,8 @@ async def run_scenario(
     async def probing() -> None:
         with probes:
             async with trio.open_nursery() as inner:
-                inner.start_soon(probe_loop, latencies, probe_failures)
-                inner.start_soon(plain_probe_loop, plain, plain_failures)
+                inner.start_soon(probe_loop, "https", insecure_context(), latencies, probe_failures)
+                inner.start_soon(probe_loop, "probes", None, plain, plain_failures)
                 inner.start_soon(rss_loop, pid, rss)
 
     nursery.start_soon(probing)
