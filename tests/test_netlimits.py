@@ -9,9 +9,12 @@ import trio
 import trio.testing
 
 from trio_cloudhub.netlimits import (
+    ACCEPT_BATCH,
+    ADMIT_PER_ROUND,
     CALM_WAITING,
     FIRST_STEP_COST,
     MIN_WAIT,
+    Admission,
     HandshakeTurns,
     Wait,
     Waiting,
@@ -137,3 +140,53 @@ async def test_a_vouched_source_steps_ahead_of_an_unknown_crowd() -> None:
     assert probes[0] <= before + 3
     assert probes[-1] <= before + 8 < 40
     assert turns.vouched("probe") and not turns.vouched("flood")
+
+
+def test_admission_takes_round_robin_by_source_and_closes_past_its_bounds() -> None:
+    pairs = [socket.socketpair() for _ in range(6)]
+    a1, a2, a3, b1, c1, d1 = (ours for ours, _ in pairs)
+    admission = Admission(limit=4, per_source=2)
+    try:
+        for source, connection in [("a", a1), ("a", a2), ("a", a3), ("b", b1), ("c", c1)]:
+            admission.add(source, connection)
+        admission.add("d", d1)  # four wait already: the limit in all
+        assert a3.fileno() == -1 and d1.fileno() == -1
+        assert admission.refused == 2
+        assert admission.take(3) == [a1, b1, c1]
+        assert admission.take(3) == [a2]
+        assert not admission
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+
+
+async def test_a_vouched_source_is_served_ahead_of_a_crowd_waiting_for_admission(
+    nursery: trio.Nursery,
+) -> None:
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    turns = HandshakeTurns()
+    turns.vouch("127.0.0.2")
+    started: list[str] = []
+    crowd = 4 * ACCEPT_BATCH
+    all_started = trio.Event()
+
+    async def record(connection: socket.socket) -> None:
+        started.append(connection.getpeername()[0])
+        connection.close()
+        if len(started) == crowd + 1:
+            all_started.set()
+
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(crowd)]
+    clients.append(socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)))
+    try:
+        with trio.fail_after(5):
+            nursery.start_soon(accept_forever, listening_socket(listener), nursery, record, turns)
+            await all_started.wait()
+        # The kernel's queue is FIFO: it came last. Each accepted batch admits only
+        # ADMIT_PER_ROUND of the crowd, so it is started in the batch that accepts it.
+        assert started.index("127.0.0.2") <= 5 * ADMIT_PER_ROUND < crowd
+    finally:
+        for client in clients:
+            client.close()

@@ -25,11 +25,12 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import trio
 
 logger = logging.getLogger("trio_cloudhub.netlimits")
+T = TypeVar("T")
 
 CALM_WAITING = 64
 MIN_WAIT = 1.0
@@ -128,6 +129,9 @@ def peer_host(address: object) -> str:
 # and a turn is long when thousands of connections are busy: the kernel's accept queue then
 # fills up and a probe or an edge waits in it behind the whole flood.
 ACCEPT_BATCH = 64
+# Connections from sources not vouched for whose task is started per scheduler round and port
+# (`Admission`): about 3 ms of their first steps.
+ADMIT_PER_ROUND = 16
 # accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # The connection died in the accept queue (as trio.serve_listeners, these are skipped).
@@ -148,29 +152,100 @@ async def accept_forever(
     sock: socket.socket,
     nursery: trio.Nursery,
     serve_one: Callable[[socket.socket], Awaitable[object]],
+    turns: HandshakeTurns | None = None,
 ) -> NoReturn:
     """Run `serve_one(connection)` in `nursery` for every connection, a non-blocking stdlib
-    socket with trio's stream options, accepting all that wait (up to ACCEPT_BATCH) per turn."""
-    with sock:
+    socket with trio's stream options, accepting all that wait (up to ACCEPT_BATCH) per turn.
+    With `turns`, connections from sources it does not vouch for are admitted (their task
+    started) at most ADMIT_PER_ROUND per scheduler round, round-robin by source: see
+    `Admission`."""
+    admission = Admission()
+    with sock, contextlib.closing(admission):
         while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(ACCEPT_BATCH):
-                try:
-                    connection, _ = sock.accept()
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _ACCEPT_SKIP_ERRNOS:
-                        continue
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    logger.error(
-                        "accept failed: %s; retrying in %s s", os.strerror(exc.errno), ACCEPT_RETRY
-                    )
-                    await trio.sleep(ACCEPT_RETRY)
-                    break
+            if admission:
+                await trio.lowlevel.checkpoint()  # admit more in the next round
+            else:
+                await trio.lowlevel.wait_readable(sock)
+            for connection, address in await _accept_waiting(sock):
                 _stream_options(connection)
+                source = peer_host(address)
+                if turns is None or turns.vouched(source):
+                    nursery.start_soon(serve_one, connection)
+                else:
+                    admission.add(source, connection)
+            for connection in admission.take(ADMIT_PER_ROUND):
                 nursery.start_soon(serve_one, connection)
+
+
+async def _accept_waiting(sock: socket.socket) -> list[tuple[socket.socket, object]]:
+    """The connections waiting in the kernel's queue (with their peer), up to ACCEPT_BATCH."""
+    accepted = []
+    for _ in range(ACCEPT_BATCH):
+        try:
+            accepted.append(sock.accept())
+        except BlockingIOError:
+            break
+        except OSError as exc:
+            if exc.errno in _ACCEPT_SKIP_ERRNOS:
+                continue
+            if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                raise
+            logger.error(
+                "accept failed: %s; retrying in %s s", os.strerror(exc.errno), ACCEPT_RETRY
+            )
+            await trio.sleep(ACCEPT_RETRY)
+            break
+    return accepted
+
+
+class Admission:
+    """Accepted connections whose task is not started yet, round-robin by source. Starting a
+    connection's task costs its first step in the next round (a TLS object, a deadline, a
+    read: 0.1-0.3 ms); a flood accepted 64 at a time per port would make every round, and so
+    every probe and edge, wait behind that. The kernel's queue cannot be the waiting room: it
+    is one FIFO, so a probe would wait in it behind the flood. Past `limit` in all, or
+    `per_source` from one source, a newly accepted connection is closed."""
+
+    def __init__(self, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE) -> None:
+        self.limit = limit
+        self.per_source = per_source
+        self._queues: dict[str, collections.deque[socket.socket]] = {}
+        self._count = 0
+        self.refused = 0
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def add(self, source: str, connection: socket.socket) -> None:
+        queue = self._queues.get(source)
+        if self._count >= self.limit or (queue is not None and len(queue) >= self.per_source):
+            connection.close()
+            self.refused += 1
+            if self.refused % LOG_EVERY == 1:
+                logger.warning(
+                    "%d connections wait to be served; closed a new one from %s (%d so far)",
+                    self._count,
+                    source,
+                    self.refused,
+                )
+            return
+        if queue is None:
+            queue = self._queues[source] = collections.deque()
+        queue.append(connection)
+        self._count += 1
+
+    def take(self, most: int) -> list[socket.socket]:
+        taken = _round_robin(self._queues, most)
+        self._count -= len(taken)
+        return taken
+
+    def close(self) -> None:
+        """Close every waiting connection (the port is shutting down)."""
+        for queue in self._queues.values():
+            for connection in queue:
+                connection.close()
+        self._queues.clear()
+        self._count = 0
 
 
 def _stream_options(connection: socket.socket) -> None:
@@ -329,15 +404,23 @@ class _RoundStart(trio.abc.Instrument):
 
 def _grant(queues: dict[str, collections.deque[trio.Event]], most: int) -> int:
     """Up to `most` turns, one per source in round-robin order; how many were granted."""
-    granted = 0
-    while queues and granted < most:
+    granted = _round_robin(queues, most)
+    for event in granted:
+        event.set()
+    return len(granted)
+
+
+def _round_robin(queues: dict[str, collections.deque[T]], most: int) -> list[T]:
+    """Up to `most` items off the fronts of `queues`, one per source in turn; a source whose
+    queue is left non-empty goes to the back, an emptied one is removed."""
+    taken: list[T] = []
+    while queues and len(taken) < most:
         source = next(iter(queues))
         queue = queues.pop(source)
-        queue.popleft().set()
-        granted += 1
+        taken.append(queue.popleft())
         if queue:
             queues[source] = queue  # to the back of the round
-    return granted
+    return taken
 
 
 def _forget(

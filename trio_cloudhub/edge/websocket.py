@@ -800,7 +800,9 @@ async def serve_websocket(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(turns.run)
         for listener in listeners:
-            nursery.start_soon(accept_forever, listening_socket(listener), nursery, serve_one)
+            nursery.start_soon(
+                accept_forever, listening_socket(listener), nursery, serve_one, turns
+            )
         task_status.started(bound_port)
     raise AssertionError("the accept loops returned")  # pragma: no cover
 

@@ -106,7 +106,7 @@ async def serve_https(
             await nursery.start(partial(serve_probes, probes, ready_check, reuse_port=reuse_port))
         nursery.start_soon(turns.run)
         for listener in listeners:
-            nursery.start_soon(accept_forever, listening_socket(listener), nursery, handler)
+            nursery.start_soon(accept_forever, listening_socket(listener), nursery, handler, turns)
         task_status.started(port)
     raise AssertionError("the accept loops returned")  # pragma: no cover
 
