@@ -62,8 +62,9 @@ async def test_the_oldest_from_the_full_source_makes_room() -> None:
             nursery.cancel_scope.cancel()
 
 
-async def test_a_new_source_gets_a_turn_before_a_crowd_from_another() -> None:
-    turns = HandshakeTurns(budget=2 * FIRST_STEP_COST)
+async def flood_then(turns: HandshakeTurns, late: list[str]) -> tuple[list[str], int]:
+    """40 steps from source "flood", then, once the first has run, one step from "probe" per
+    name in `late`: the order the steps ran in, and how many had run when the late came."""
     order: list[str] = []
 
     async def step(name: str, source: str) -> None:
@@ -80,10 +81,16 @@ async def test_a_new_source_gets_a_turn_before_a_crowd_from_another() -> None:
                 while not order:  # the flood's first turns are handed out
                     await trio.lowlevel.checkpoint()
                 before = len(order)
-                assert before < 10
-                steps.start_soon(step, "probe", "probe")
+                for name in late:
+                    steps.start_soon(step, name, "probe")
             nursery.cancel_scope.cancel()
-    assert len(order) == 41
+    assert len(order) == 40 + len(late)
+    return order, before
+
+
+async def test_a_new_source_gets_a_turn_before_a_crowd_from_another() -> None:
+    order, before = await flood_then(HandshakeTurns(budget=2 * FIRST_STEP_COST), ["probe"])
+    assert before < 10
     # Within a round of its arrival, not behind the whole flood (FIFO would make it 41st):
     # granted turns run one round after they are handed out, and the probe task itself
     # starts a round late, so a few rounds of 2 turns may run first.
@@ -114,29 +121,11 @@ async def test_every_waiting_connection_is_accepted_in_one_turn(nursery: trio.Nu
 async def test_a_vouched_source_steps_ahead_of_an_unknown_crowd() -> None:
     turns = HandshakeTurns(budget=FIRST_STEP_COST)
     turns.vouch("probe")
-    order: list[str] = []
-
-    async def step(name: str, source: str) -> None:
-        async with turns.turn(source):
-            spend_a_step()
-            order.append(name)
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(turns.run)
-            async with trio.open_nursery() as steps:
-                for index in range(40):
-                    steps.start_soon(step, f"flood{index}", "flood")
-                while not order:
-                    await trio.lowlevel.checkpoint()
-                before = len(order)
-                for index in range(3):
-                    steps.start_soon(step, f"probe{index}", "probe")
-            nursery.cancel_scope.cancel()
-    assert len(order) == 43
+    names = [f"probe{index}" for index in range(3)]
+    order, before = await flood_then(turns, names)
     # One probe step needs no turn; the others of the same round queue ahead of the unknown
     # crowd, which still gets a turn per round. Which probe task runs first is trio's choice.
-    probes = sorted(order.index(f"probe{index}") for index in range(3))
+    probes = sorted(order.index(name) for name in names)
     assert probes[0] <= before + 3
     assert probes[-1] <= before + 8 < 40
     assert turns.vouched("probe") and not turns.vouched("flood")
