@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 import trio
 import trio.testing
 
@@ -131,16 +132,19 @@ async def test_a_vouched_source_steps_ahead_of_an_unknown_crowd() -> None:
     assert turns.vouched("probe") and not turns.vouched("flood")
 
 
-def test_admission_takes_round_robin_by_source_and_closes_past_its_bounds() -> None:
+def test_admission_takes_round_robin_by_source_and_closes_past_its_bounds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     pairs = [socket.socketpair() for _ in range(6)]
     a1, a2, a3, b1, c1, d1 = (ours for ours, _ in pairs)
-    admission = Admission(limit=4, per_source=2)
+    admission = Admission("test", limit=4, per_source=2)
     try:
         for source, connection in [("a", a1), ("a", a2), ("a", a3), ("b", b1), ("c", c1)]:
             admission.add(source, connection)
         admission.add("d", d1)  # four wait already: the limit in all
         assert a3.fileno() == -1 and d1.fileno() == -1
         assert admission.refused == 2
+        assert "test: 2 connections wait to be served, closed a new one (from a;" in caplog.text
         assert admission.take(3) == [a1, b1, c1]
         assert admission.take(3) == [a2]
         assert not admission

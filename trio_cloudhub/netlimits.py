@@ -159,7 +159,7 @@ async def accept_forever(
     With `turns`, connections from sources it does not vouch for are admitted (their task
     started) at most ADMIT_PER_ROUND per scheduler round, round-robin by source: see
     `Admission`."""
-    admission = Admission()
+    admission = Admission(f"port {sock.getsockname()[1]}")
     with sock, contextlib.closing(admission):
         while True:
             if admission:
@@ -206,7 +206,10 @@ class Admission:
     is one FIFO, so a probe would wait in it behind the flood. Past `limit` in all, or
     `per_source` from one source, a newly accepted connection is closed."""
 
-    def __init__(self, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE) -> None:
+    def __init__(
+        self, name: str, limit: int = MAX_WAITING, per_source: int = MAX_WAITING_PER_SOURCE
+    ) -> None:
+        self.name = name
         self.limit = limit
         self.per_source = per_source
         self._queues: dict[str, collections.deque[socket.socket]] = {}
@@ -223,7 +226,8 @@ class Admission:
             self.refused += 1
             if self.refused % LOG_EVERY == 1:
                 logger.warning(
-                    "%d connections wait to be served; closed a new one from %s (%d so far)",
+                    "%s: %d connections wait to be served, closed a new one (from %s; %d so far)",
+                    self.name,
                     self._count,
                     source,
                     self.refused,
