@@ -772,8 +772,8 @@ class Bench:
                 "manifests_poll_interval_s": POLL_INTERVAL,
                 "note": "per round: t0 just before the ConfigMap file is rewritten (new "
                 "generation); all_acked_s = last edge's ACK sent - t0, latency = arrival - t0 "
-                "(includes the store's 20 ms inotify debounce); hub CPU from t0 until 0.25 s "
-                "after the last ACK, per 1,000 messages delivered and ACKed",
+                "(includes the store noticing the rename: inotify, 2 ms settle); hub CPU from "
+                "t0 until 0.25 s after the last ACK, per 1,000 messages delivered and ACKed",
                 **self.pinned(),
             }
         )

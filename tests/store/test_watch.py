@@ -27,6 +27,7 @@ from trio_cloudhub.core.message import Message
 from trio_cloudhub.store import local as local_module
 from trio_cloudhub.store import watch as watch_module
 from trio_cloudhub.store.local import WATCHED_POLL_MIN, LocalStore, open_local_store
+from trio_cloudhub.store.manifests import changes_manifests
 from trio_cloudhub.store.watch import FolderWatch, blind_spot, filesystem_type, folder_watch
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify is Linux")
@@ -59,6 +60,40 @@ async def test_watch_reports_changes_in_the_folder(tmp_path: Path) -> None:
     assert watch.fileno() == -1 and not watch.watching
     with pytest.raises(OSError):
         os.fstat(fd)  # closed on exit
+
+
+def open_for_writing(path: Path, text: str) -> int:
+    """A file written whole but still open, as a slow writer leaves it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, text.encode())
+    return fd
+
+
+@linux_only
+async def test_settled_once_the_writes_notified_are_complete(tmp_path: Path) -> None:
+    with folder_watch(tmp_path, relevant=changes_manifests) as watch:
+        assert watch is not None
+        watch.begin_settling()
+        fd = open_for_writing(tmp_path / "a.yaml", "x: 1")
+        await notified(watch)
+        assert not watch.settled  # created and written, still open
+        os.close(fd)
+        await notified(watch)
+        assert watch.settled  # closed
+        watch.begin_settling()
+        (tmp_path / ".a.yaml.tmp").write_text("x: 2")
+        await notified(watch)
+        assert not watch.settled  # complete, but a name the store ignores
+        os.replace(tmp_path / ".a.yaml.tmp", tmp_path / "a.yaml")
+        await notified(watch)
+        assert watch.settled  # renamed into place
+        watch.begin_settling()
+        os.replace(tmp_path / "a.yaml", tmp_path / "a.yaml~")
+        await notified(watch)
+        assert not watch.settled  # gone, perhaps for an instant (an editor's backup)
+        (tmp_path / "a.yaml").write_text("x: 3")
+        await notified(watch)
+        assert watch.settled
 
 
 @linux_only
@@ -138,6 +173,28 @@ async def test_change_is_seen_at_once_not_at_the_fallback_poll(dirs: Dirs) -> No
         assert await prompt(running) == [("insert", "node/edge-2/default/pod/api")]
         (manifests / "more.yaml").unlink()
         assert await prompt(running) == [("delete", "node/edge-2/default/pod/api")]
+        nursery.cancel_scope.cancel()
+
+
+@linux_only
+async def test_a_complete_write_is_read_at_once_an_open_one_when_closed(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, manifests = dirs
+    monkeypatch.setattr(local_module, "WATCH_DEBOUNCE", 60.0)  # only `settled` ends it early
+    async with (
+        open_local_store(data, manifests, poll_interval=SLOW_POLL) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        write_manifest(manifests, "web.yaml", pod("web", "edge-1"))  # a dot file renamed
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/web")]
+        fd = open_for_writing(manifests / "api.yaml", yaml.safe_dump(pod("api", "edge-1")))
+        with trio.move_on_after(0.5):
+            message = await running.receive.receive()
+            raise AssertionError(f"read while still open: {message.route}")
+        os.close(fd)
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/api")]
         nursery.cancel_scope.cancel()
 
 

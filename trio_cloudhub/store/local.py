@@ -17,8 +17,11 @@ How it works:
   sends the whole desired state plus those deletes, reports started, then rescans the folder
   whenever it may have changed and sends what changed (see `routing` for who gets what);
 - "may have changed": on Linux an inotify watch on the folder (`watch`) wakes the store at
-  once; it waits `WATCH_DEBOUNCE` (20 ms, so an editor's write-then-rename is one sync) and
-  rescans. Nothing else wakes it: a folder nobody changes costs nothing. Only where inotify
+  once; it rescans as soon as the writes it was told of are complete (`_settle`: every file
+  created or modified since was closed or renamed into place, then 2 ms without news, so a
+  burst of writes is one sync), and after `WATCH_DEBOUNCE` (20 ms) at most: a file still open
+  for writing, or one deleted or moved away (an editor's save may rename the old file first),
+  waits that long. Nothing else wakes it: a folder nobody changes costs nothing. Only where inotify
   cannot see every change (`watch.blind_spot`, checked at every scan: a network file system,
   a symlink in the folder's path, a manifest that is a symlink to a file elsewhere) a slow
   fallback poll runs too, every `max(WATCHED_POLL_MIN, poll_interval * WATCHED_POLL_FACTOR)`
@@ -91,6 +94,7 @@ from trio_cloudhub.store.manifests import (
     Manifest,
     ManifestError,
     ObjectKey,
+    changes_manifests,
     manifest_from_text,
     merge_files,
     read_manifest_file,
@@ -125,7 +129,8 @@ ACK_RETRY_DELAY = 1.0
 FINAL_FLUSH_TIMEOUT = 5.0
 MAX_REPORTS_PER_NODE = 10_000
 SHARED_RETRY = 1.0  # after a failed reload of what another process wrote
-WATCH_DEBOUNCE = 0.02  # after the first change notification, before the scan
+WATCH_DEBOUNCE = 0.02  # at most, after the first change notification, before the scan
+WATCH_SETTLE = 0.002  # once the writes notified are complete: a burst of them is one scan
 WATCHED_POLL_FACTOR = 20  # fallback poll with inotify: poll_interval times this ...
 WATCHED_POLL_MIN = 5.0  # ... but at least this (seconds)
 
@@ -260,7 +265,9 @@ class LocalStore:
         await self.open()
         try:
             # Watching before the first scan: a change during the initial sync is not missed.
-            with folder_watch(self.manifests_dir, enabled=self._watches_folder) as watch:
+            with folder_watch(
+                self.manifests_dir, enabled=self._watches_folder, relevant=changes_manifests
+            ) as watch:
                 self._fs_type = await trio.to_thread.run_sync(filesystem_type, self.manifests_dir)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._flush_acks_forever)
@@ -301,10 +308,10 @@ class LocalStore:
         elif self.fallback_poll_reason:
             with trio.move_on_after(self.watched_poll_interval):
                 await watch.wait()
-                await trio.sleep(WATCH_DEBOUNCE)
+                await _settle(watch)
         else:
             await watch.wait()
-            await trio.sleep(WATCH_DEBOUNCE)
+            await _settle(watch)
         if watch is not None:
             watch.drain()  # the scan that follows sees everything notified so far
 
@@ -843,6 +850,19 @@ async def open_local_store(
 
 
 # --- helpers --------------------------------------------------------------------------------
+
+
+async def _settle(watch: FolderWatch) -> None:
+    """Until the writes notified are complete, then quiet for WATCH_SETTLE; WATCH_DEBOUNCE at
+    most. A file closed or renamed into place is read at once, one still open waited for."""
+    watch.begin_settling()
+    with trio.move_on_after(WATCH_DEBOUNCE):
+        while True:
+            watch.drain()
+            with trio.move_on_after(WATCH_SETTLE if watch.settled else math.inf) as quiet:
+                await watch.wait()
+            if quiet.cancelled_caught:
+                return
 
 
 def _order(key: ObjectKey) -> tuple[str, str, str]:

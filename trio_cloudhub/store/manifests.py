@@ -100,13 +100,23 @@ class FileResult:
 # --- the folder -----------------------------------------------------------------------------
 
 
+def is_manifest_name(name: str) -> bool:
+    """A name the store reads: dot names are editor files and a mounted ConfigMap's links."""
+    return not name.startswith(".") and name.endswith(SUFFIXES)
+
+
+def changes_manifests(name: str) -> bool:
+    """A change of this name may change what the folder holds (a ConfigMap volume switches
+    its `..data` link; its visible files are links through it and never change)."""
+    return is_manifest_name(name) or name == "..data"
+
+
 def stamp_folder(folder: Path) -> dict[str, FileStamp]:
     """Stamps of the manifest files directly in `folder` (dot files skipped)."""
     stamps: dict[str, FileStamp] = {}
     with os.scandir(folder) as entries:
         for entry in entries:
-            # Dot names skip editor files and the `..data` links of a mounted ConfigMap.
-            if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
+            if not is_manifest_name(entry.name):
                 continue
             try:
                 if entry.is_file():

@@ -7,6 +7,11 @@ Usage (the local store's loop; any event means "scan the folder again")::
         await watch.wait()  # until events are pending
         watch.drain()       # consume them, then scan
 
+`settled` (since `begin_settling()`) tells a caller that wants to scan as soon as a write is
+complete, rather than after a fixed debounce, that a relevant name changed, no notified
+write is still open (every created or modified file was closed, renamed or deleted since)
+and no relevant name has gone away (an editor's save may rename the old file first).
+
 Rules:
 - the watch reports that *something* in the folder changed, never what: the caller scans
   (by stat) afterwards, so lost or coalesced events (queue overflow) cost nothing;
@@ -29,7 +34,7 @@ import logging
 import os
 import struct
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -50,6 +55,9 @@ IN_DELETE_SELF = 0x00000400
 IN_MOVE_SELF = 0x00000800
 IN_IGNORED = 0x00008000  # the watch was removed (folder deleted, unmounted, rm_watch)
 IN_ONLYDIR = 0x01000000
+IN_ISDIR = 0x40000000
+WRITE_STARTED = IN_CREATE | IN_MODIFY
+WRITE_ENDED = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_DELETE
 WATCH_MASK = (
     IN_CREATE
     | IN_DELETE
@@ -68,6 +76,7 @@ IN_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0o2000000)
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 READ_BYTES = 64 * 1024  # one event is at most 16 + NAME_MAX + 1 bytes
 MAX_READS_PER_DRAIN = 64  # a bound per drain; what is left keeps the fd readable
+MAX_TRACKED_NAMES = 4096  # names being written or gone; beyond, never `settled`
 
 
 class _Inotify:
@@ -119,11 +128,36 @@ def _load() -> _Inotify:
 class FolderWatch:
     """inotify on one folder (see the module docstring). Not thread-safe; one waiter."""
 
-    def __init__(self, inotify: _Inotify, fd: int, folder: Path) -> None:
+    def __init__(
+        self,
+        inotify: _Inotify,
+        fd: int,
+        folder: Path,
+        relevant: Callable[[str], bool] = lambda _name: True,
+    ) -> None:
         self.folder = folder
         self._inotify = inotify
         self._fd = fd
         self._wd: int | None = None
+        self._relevant = relevant
+        self._writing: set[bytes] = set()  # names created or modified, not closed yet
+        self._vanished: set[bytes] = set()  # relevant names deleted or moved away
+        self._unsure = False  # events lost, or too many writes open to track
+        self._relevant_change = False
+
+    @property
+    def settled(self) -> bool:
+        """Since `begin_settling()`: a relevant name changed, no write is open and no
+        relevant name is gone (a deletion waits for the whole debounce: it may be undone)."""
+        return (
+            self._relevant_change and not self._writing and not self._vanished and not self._unsure
+        )
+
+    def begin_settling(self) -> None:
+        self._writing.clear()
+        self._vanished.clear()
+        self._unsure = False  # events lost, or too many writes open to track
+        self._relevant_change = False
 
     @property
     def watching(self) -> bool:
@@ -177,12 +211,36 @@ class FolderWatch:
         count = offset = 0
         while offset + _EVENT.size <= len(data):
             wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
             offset += _EVENT.size + length
             count += 1
+            self._note(wd, mask, name)
             if wd == self._wd and mask & (IN_IGNORED | IN_DELETE_SELF | IN_MOVE_SELF):
                 # Gone, or moved (the watch would follow the folder elsewhere): forget it.
                 self._forget()
         return count
+
+    def _note(self, wd: int, mask: int, name: bytes) -> None:
+        """Track writes in progress, for `settled`."""
+        if wd != self._wd or not name:  # the folder itself, or the queue overflowed (wd -1)
+            self._relevant_change = True
+            self._unsure |= wd == -1  # events were lost: a write may be open
+            return
+        if mask & IN_ISDIR:
+            return
+        if mask & WRITE_STARTED:
+            self._writing.add(name)
+        elif mask & WRITE_ENDED:
+            self._writing.discard(name)
+        if not self._relevant(os.fsdecode(name)):
+            return
+        self._relevant_change = True
+        # Gone, perhaps for an instant (an editor's backup rename, then the new file).
+        if mask & (IN_MOVED_FROM | IN_DELETE):
+            self._vanished.add(name)
+        elif mask & (IN_CREATE | IN_MOVED_TO):
+            self._vanished.discard(name)
+        self._unsure |= len(self._writing) + len(self._vanished) > MAX_TRACKED_NAMES
 
     def close(self) -> None:
         fd, self._fd, self._wd = self._fd, -1, None
@@ -192,9 +250,17 @@ class FolderWatch:
 
 
 @contextmanager
-def folder_watch(folder: Path, *, enabled: bool = True) -> Iterator[FolderWatch | None]:
-    """A watch on `folder`, closed on exit; None when disabled or unavailable (logged)."""
-    watch = _open(Path(folder)) if enabled else None
+def folder_watch(
+    folder: Path,
+    *,
+    enabled: bool = True,
+    relevant: Callable[[str], bool] = lambda _name: True,
+) -> Iterator[FolderWatch | None]:
+    """A watch on `folder`, closed on exit; None when disabled or unavailable (logged).
+
+    `relevant(name)`: whether a change of that name in the folder counts for `settled`.
+    """
+    watch = _open(Path(folder), relevant) if enabled else None
     try:
         yield watch
     finally:
@@ -202,7 +268,7 @@ def folder_watch(folder: Path, *, enabled: bool = True) -> Iterator[FolderWatch 
             watch.close()
 
 
-def _open(folder: Path) -> FolderWatch | None:
+def _open(folder: Path, relevant: Callable[[str], bool]) -> FolderWatch | None:
     if not sys.platform.startswith("linux"):
         log.info("no inotify on %s: polling the manifests folder", sys.platform)
         return None
@@ -212,7 +278,7 @@ def _open(folder: Path) -> FolderWatch | None:
     except OSError as exc:
         log.info("inotify unavailable (%s): polling the manifests folder", exc.strerror or exc)
         return None
-    watch = FolderWatch(inotify, fd, folder)
+    watch = FolderWatch(inotify, fd, folder, relevant)
     try:
         watch._watch()
     except OSError as exc:
