@@ -184,25 +184,45 @@ async def probe_once(
         failures.append(f"status {status}")
 
 
-def blocking_get(port: int, path: str, context: ssl.SSLContext | None) -> int:
-    """A blocking GET, as a kubelet probe (over TLS when `context` is given): the status."""
+def blocking_get(
+    port: int, path: str, context: ssl.SSLContext | None, phases: list[Phases] | None = None
+) -> int:
+    """A blocking GET, as a kubelet probe (over TLS when `context` is given): the status.
+    `phases` gets the seconds of the TCP connect, the TLS handshake and request-to-close."""
+    began = time.monotonic()
     with socket.create_connection((HOST, port), timeout=PROBE_TIMEOUT) as tcp:
+        connected = time.monotonic()
         sock = context.wrap_socket(tcp) if context is not None else tcp
+        secured = time.monotonic()
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: hub\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := sock.recv(4096):
             answer += chunk
+    if phases is not None:
+        phases.append((connected - began, secured - connected, time.monotonic() - secured))
     return int(answer.split()[1])
 
 
+Phases = tuple[float, float, float]
+PHASE_NAMES = ("connect", "tls_handshake", "request_to_close")
+
+
+def phase_percentiles(phases: Sequence[Phases]) -> dict[str, dict[str, float | None]]:
+    return {name: percentiles([p[i] for p in phases]) for i, name in enumerate(PHASE_NAMES)}
+
+
 async def probe_loop(
-    port: str, context: ssl.SSLContext | None, latencies: list[float], failures: list[str]
+    port: str,
+    context: ssl.SSLContext | None,
+    latencies: list[float],
+    failures: list[str],
+    phases: list[Phases] | None = None,
 ) -> None:
     """`/readyz` every PROBE_INTERVAL on a new connection, in a thread: the bench's own loop
     (new edges, the flood's bookkeeping) must not add its delays to the figure."""
 
     async def readyz() -> int:
-        return await trio.to_thread.run_sync(blocking_get, PORTS[port], "/readyz", context)
+        return await trio.to_thread.run_sync(blocking_get, PORTS[port], "/readyz", context, phases)
 
     while True:
         began = time.monotonic()
@@ -282,6 +302,7 @@ async def run_scenario(
 
     latencies: list[float] = []
     probe_failures: list[str] = []
+    phases: list[Phases] = []
     plain: list[float] = []
     plain_failures: list[str] = []
     rss: list[int] = []
@@ -302,7 +323,9 @@ async def run_scenario(
     async def probing() -> None:
         with probes:
             async with trio.open_nursery() as inner:
-                inner.start_soon(probe_loop, "https", insecure_context(), latencies, probe_failures)
+                inner.start_soon(
+                    probe_loop, "https", insecure_context(), latencies, probe_failures, phases
+                )
                 inner.start_soon(probe_loop, "probes", None, plain, plain_failures)
                 inner.start_soon(rss_loop, pid, rss)
 
@@ -349,6 +372,7 @@ async def run_scenario(
         "readyz_s": percentiles(during),
         "readyz_failures": dict(Counter(probe_failures)),
         "readyz_over_100ms": sum(1 for value in during if value > 0.1),
+        "readyz_phases_s": phase_percentiles(phases),
         "plain_readyz_s": percentiles(plain),
         "plain_readyz_failures": dict(Counter(plain_failures)),
         "plain_readyz_over_100ms": sum(1 for value in plain if value > 0.1),
@@ -383,6 +407,11 @@ def summary(figures: dict[str, Any]) -> str:
             f"  /readyz: p50 {ready['p50']} s, p99 {ready['p99']} s, max {ready['max']} s over "
             f"{ready['n']} probes; {figures['readyz_over_100ms']} above 100 ms; failures "
             f"{figures['readyz_failures'] or 'none'}",
+            "  its phases p50 / p99: "
+            + ", ".join(
+                f"{name} {phase['p50']} / {phase['p99']} s"
+                for name, phase in figures["readyz_phases_s"].items()
+            ),
             f"  plain-HTTP /readyz (probeBindAddress): p50 {plain['p50']} s, p99 {plain['p99']} s,"
             f" max {plain['max']} s over {plain['n']} probes; {figures['plain_readyz_over_100ms']}"
             f" above 100 ms; failures {figures['plain_readyz_failures'] or 'none'}",

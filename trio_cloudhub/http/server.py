@@ -32,7 +32,7 @@ from trio_cloudhub.http.routes import (
     Response,
     text,
 )
-from trio_cloudhub.http.tls import OpenSSLStream
+from trio_cloudhub.http.tls import EagerSocketStream, OpenSSLStream
 from trio_cloudhub.listen import open_tcp_listeners
 from trio_cloudhub.netlimits import (
     HandshakeTurns,
@@ -119,8 +119,7 @@ async def _handle_socket(
     tls_context: SSL.Context,
     sock: socket.socket,
 ) -> None:
-    tcp = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-    await _handle_connection(service, waiting, bodies, tls_context, tcp, turns)
+    await _handle_connection(service, waiting, bodies, tls_context, EagerSocketStream(sock), turns)
 
 
 async def _handle_connection(
@@ -128,7 +127,7 @@ async def _handle_connection(
     waiting: Waiting,
     bodies: trio.CapacityLimiter,
     tls_context: SSL.Context,
-    tcp: trio.SocketStream,
+    tcp: EagerSocketStream | trio.SocketStream,
     turns: HandshakeTurns | None = None,
 ) -> None:
     """One TLS connection: handshake, then requests until close, error or timeout."""
@@ -158,7 +157,7 @@ def _nobody() -> None:
     pass
 
 
-def _source(tcp: trio.SocketStream) -> str:
+def _source(tcp: EagerSocketStream | trio.SocketStream) -> str:
     try:
         return peer_host(tcp.socket.getpeername())
     except OSError:
@@ -284,12 +283,12 @@ async def _send(
     if close:
         headers.append(("Connection", "close"))
     reason = http.HTTPStatus(response.status).phrase
-    await stream.send_all(
-        conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
-    )
+    # One write, so one TLS record and one `send` (the answers are small).
+    parts = [conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))]
     if not head:
-        await stream.send_all(conn.send(h11.Data(data=response.body)))
-    await stream.send_all(conn.send(h11.EndOfMessage()))
+        parts.append(conn.send(h11.Data(data=response.body)))
+    parts.append(conn.send(h11.EndOfMessage()))
+    await stream.send_all(b"".join(part for part in parts if part))
 
 
 async def _send_error(conn: h11.Connection, stream: TLSStream, status: int, message: str) -> None:

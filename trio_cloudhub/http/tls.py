@@ -11,11 +11,17 @@ to send is flushed to the socket, every byte read from the socket is fed to it.
 `OpenSSLStream` is a `trio.abc.Stream` for one task at a time (the HTTP server reads a
 request, then writes the answer). The peer's certificate is only *presented* here: the
 handler must verify it (`pki.client_cert.verify_rotation_cert`).
+
+`EagerSocketStream` is the socket under it on the port: trio's `SocketStream` yields to the
+scheduler after every call that did not have to wait, and a probe's exchange (the
+handshake's flights, the session tickets, the answer, close_notify) is about six such calls;
+under a flood every yield is a whole scheduler round of the other connections' work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import Any
 
 import trio
@@ -26,6 +32,9 @@ from OpenSSL import SSL
 from trio_cloudhub.netlimits import Turn
 
 RECEIVE_BYTES = 64 * 1024
+# Calls answered without waiting in a row before one real yield to the scheduler, so a peer
+# that keeps the socket ready cannot keep the task from ever yielding.
+FAIRNESS_CALLS = 16
 
 
 def request_client_cert_context(cert_pem: bytes, key_pem: bytes) -> SSL.Context:
@@ -156,3 +165,60 @@ class OpenSSLStream(trio.abc.Stream):
     async def _flush_quietly(self) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self._flush()
+
+
+class EagerSocketStream(trio.abc.Stream):
+    """A non-blocking stdlib socket as a stream that yields to the scheduler only when it
+    must wait for the socket, or after FAIRNESS_CALLS calls in a row that did not wait.
+    Every call still raises `Cancelled` when its scope is cancelled. One task at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.socket = sock
+        self._unyielded = 0
+
+    async def _enter(self) -> None:
+        if self.socket.fileno() == -1:
+            raise trio.ClosedResourceError("the socket was closed")
+        self._unyielded += 1
+        if self._unyielded >= FAIRNESS_CALLS:
+            self._unyielded = 0
+            await trio.lowlevel.checkpoint()
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await self._enter()
+        while True:
+            try:
+                return self.socket.recv(max_bytes or RECEIVE_BYTES)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError(f"receive failed: {exc}") from exc
+            await trio.lowlevel.wait_readable(self.socket)
+            self._unyielded = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._enter()
+        with memoryview(data) as whole:
+            view = whole
+            while view:
+                try:
+                    view = view[self.socket.send(view) :]
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    raise trio.BrokenResourceError(f"send failed: {exc}") from exc
+                if view:
+                    await trio.lowlevel.wait_writable(self.socket)
+                    self._unyielded = 0
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.wait_writable(self.socket)
+
+    async def aclose(self) -> None:
+        if self.socket.fileno() != -1:
+            trio.lowlevel.notify_closing(self.socket)
+            self.socket.close()
+        await trio.lowlevel.checkpoint()
