@@ -130,8 +130,10 @@ def peer_host(address: object) -> str:
 # fills up and a probe or an edge waits in it behind the whole flood.
 ACCEPT_BATCH = 64
 # Connections from sources not vouched for whose task is started per scheduler round and port
-# (`Admission`): about 3 ms of their first steps.
-ADMIT_PER_ROUND = 16
+# (`Admission`): about 1.5 ms of their first steps. A probe's exchange takes about four
+# rounds, so what a round may hold (this, and TURN_BUDGET, on each port) is what it waits:
+# 16 and 4 ms gave rounds of 16 ms at p99 under a flood, 8 and 2 ms 10 ms (bench.flood).
+ADMIT_PER_ROUND = 8
 # accept(2) failures that mean "overloaded", not "broken": wait a little and accept again.
 _ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 # The connection died in the accept queue (as trio.serve_listeners, these are skipped).
@@ -275,7 +277,7 @@ def _stream_options(connection: socket.socket) -> None:
 # that completed a request or a session lately (`vouch`: probes, edges) go first. While nobody
 # queues and the round's budget is not spent, a step runs at once (no round trip through the
 # task that hands out turns: that trip cost a connect storm of 5,000 edges ~8 % more time).
-TURN_BUDGET = 0.004
+TURN_BUDGET = 0.002
 # Step cost assumed before any is measured (seconds), and the weight of each new measurement.
 FIRST_STEP_COST = 0.001
 STEP_COST_WEIGHT = 0.1
