@@ -53,6 +53,10 @@ class Hub:
     tmp_path: Path
     ready: bool = True
     nodes: Nodes = attrs.field(factory=Nodes)
+    closed: int = 0  # connections the server reported closed (`on_closed`)
+
+    def on_closed(self) -> None:
+        self.closed += 1
 
 
 @attrs.frozen
@@ -88,6 +92,7 @@ async def hub(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Hub]:
             config,
             ready_check=lambda: state.ready,
             nodes=state.nodes,
+            on_closed=state.on_closed,
         )
     )
     yield state
@@ -221,6 +226,19 @@ async def test_bootstrap_like_an_edge(hub: Hub) -> None:
         assert cert.not_valid_after_utc - cert.not_valid_before_utc == timedelta(days=365)
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
         assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+
+
+async def test_every_closed_connection_is_reported(hub: Hub) -> None:
+    """What the hub counts as churn for its heap trim: answered or not, TLS or not."""
+    assert (await fetch(hub, "/readyz")).status == 200
+    with socket.create_connection(("127.0.0.1", hub.port), timeout=TIMEOUT):
+        pass  # no TLS hello at all
+    assert await raw_exchange(hub, b"GET /nope HTTP/1.1\r\n\r\n")
+    with trio.fail_after(TIMEOUT):
+        while hub.closed < 3:  # noqa: ASYNC110 (a counter the server bumps)
+            await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    assert hub.closed == 3
 
 
 async def test_ext_key_usages_header(hub: Hub) -> None:

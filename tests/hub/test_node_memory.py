@@ -55,3 +55,24 @@ async def test_heap_is_trimmed_once_a_burst_of_connects_is_over(
             await trio.sleep(10 * trim.BURST_QUIET)
             assert len(trims) == 1 and trims[0] >= burst_end + trim.BURST_QUIET
             assert len(edges) == trim.TRIM_AFTER_CHURN
+
+
+async def test_connections_that_never_became_sessions_count_for_the_trim(
+    autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood's connections (failed WebSocket handshakes, HTTPS connections) free what
+    their handshakes took too: without a trim after them the hub's RSS stays at its peak."""
+    trims: list[float] = []
+    monkeypatch.setattr(
+        hub_module, "release_free_memory", lambda: trims.append(trio.current_time())
+    )
+    with trio.fail_after(60):
+        async with open_test_hub() as th:
+            for index in range(trim.TRIM_AFTER_CHURN):
+                if index % 2:
+                    th.hub.handshake_failed("websocket", "timeout")
+                else:
+                    th.hub.connection_ended()
+            burst_end = trio.current_time()
+            await trio.sleep(10 * trim.BURST_QUIET)
+            assert len(trims) == 1 and trims[0] >= burst_end + trim.BURST_QUIET

