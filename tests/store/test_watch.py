@@ -198,6 +198,36 @@ async def test_a_complete_write_is_read_at_once_an_open_one_when_closed(
         nursery.cancel_scope.cancel()
 
 
+def config_map_volume_version(folder: Path, version: str, text: str) -> None:
+    """What the kubelet's atomic writer does to a mounted ConfigMap: the files in a new
+    `..<version>` folder, then the `..data` link switched to it by a rename."""
+    (folder / f"..{version}").mkdir()
+    (folder / f"..{version}" / "app.yaml").write_text(text)
+    (folder / "..data_tmp").symlink_to(f"..{version}")
+    os.replace(folder / "..data_tmp", folder / "..data")
+
+
+@linux_only
+async def test_a_mounted_config_map_switching_its_data_link_is_read_at_once(
+    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, manifests = dirs
+    monkeypatch.setattr(local_module, "WATCH_DEBOUNCE", 60.0)  # only `settled` ends it early
+    config_map_volume_version(manifests, "v1", yaml.safe_dump(pod("web", "edge-1")))
+    (manifests / "app.yaml").symlink_to("..data/app.yaml")
+    async with (
+        open_local_store(data, manifests, poll_interval=SLOW_POLL) as store,
+        trio.open_nursery() as nursery,
+    ):
+        running, _ = await started(nursery, store, manifests)
+        assert len(running.initial()) == 1
+        docs = [pod("web", "edge-1"), pod("api", "edge-1")]
+        config_map_volume_version(manifests, "v2", yaml.safe_dump_all(docs))
+        shutil.rmtree(manifests / "..v1")
+        assert await prompt(running) == [("insert", "node/edge-1/default/pod/api")]
+        nursery.cancel_scope.cancel()
+
+
 def editor_save(folder: Path, name: str, text: str, style: str) -> None:
     """How editors and tools replace a file."""
     path = folder / name
