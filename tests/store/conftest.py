@@ -129,10 +129,12 @@ class Running:
 
 
 @asynccontextmanager
-async def running_store(data_dir: Path, manifests: Path) -> AsyncIterator[Running]:
+async def running_store(
+    data_dir: Path, manifests: Path, poll_interval: float = POLL
+) -> AsyncIterator[Running]:
     send, receive = trio.open_memory_channel[Message](10_000)
     async with (
-        open_local_store(data_dir, manifests, poll_interval=POLL) as store,
+        open_local_store(data_dir, manifests, poll_interval=poll_interval) as store,
         trio.open_nursery() as nursery,
     ):
         with trio.fail_after(WAIT):

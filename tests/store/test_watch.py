@@ -21,6 +21,7 @@ from tests.store.conftest import (
     config_map,
     eventually,
     pod,
+    running_store,
     write_manifest,
 )
 from trio_cloudhub.core.message import Message
@@ -176,17 +177,17 @@ async def test_change_is_seen_at_once_not_at_the_fallback_poll(dirs: Dirs) -> No
         nursery.cancel_scope.cancel()
 
 
+@pytest.fixture
+def long_debounce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A debounce of 60 s: only `settled` can make the store read a change promptly."""
+    monkeypatch.setattr(local_module, "WATCH_DEBOUNCE", 60.0)
+
+
 @linux_only
-async def test_a_complete_write_is_read_at_once_an_open_one_when_closed(
-    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("long_debounce")
+async def test_a_complete_write_is_read_at_once_an_open_one_when_closed(dirs: Dirs) -> None:
     data, manifests = dirs
-    monkeypatch.setattr(local_module, "WATCH_DEBOUNCE", 60.0)  # only `settled` ends it early
-    async with (
-        open_local_store(data, manifests, poll_interval=SLOW_POLL) as store,
-        trio.open_nursery() as nursery,
-    ):
-        running, _ = await started(nursery, store, manifests)
+    async with running_store(data, manifests, poll_interval=SLOW_POLL) as running:
         write_manifest(manifests, "web.yaml", pod("web", "edge-1"))  # a dot file renamed
         assert await prompt(running) == [("insert", "node/edge-1/default/pod/web")]
         fd = open_for_writing(manifests / "api.yaml", yaml.safe_dump(pod("api", "edge-1")))
@@ -195,7 +196,6 @@ async def test_a_complete_write_is_read_at_once_an_open_one_when_closed(
             raise AssertionError(f"read while still open: {message.route}")
         os.close(fd)
         assert await prompt(running) == [("insert", "node/edge-1/default/pod/api")]
-        nursery.cancel_scope.cancel()
 
 
 def config_map_volume_version(folder: Path, version: str, text: str) -> None:
@@ -208,24 +208,17 @@ def config_map_volume_version(folder: Path, version: str, text: str) -> None:
 
 
 @linux_only
-async def test_a_mounted_config_map_switching_its_data_link_is_read_at_once(
-    dirs: Dirs, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.mark.usefixtures("long_debounce")
+async def test_a_mounted_config_map_switching_its_data_link_is_read_at_once(dirs: Dirs) -> None:
     data, manifests = dirs
-    monkeypatch.setattr(local_module, "WATCH_DEBOUNCE", 60.0)  # only `settled` ends it early
     config_map_volume_version(manifests, "v1", yaml.safe_dump(pod("web", "edge-1")))
     (manifests / "app.yaml").symlink_to("..data/app.yaml")
-    async with (
-        open_local_store(data, manifests, poll_interval=SLOW_POLL) as store,
-        trio.open_nursery() as nursery,
-    ):
-        running, _ = await started(nursery, store, manifests)
+    async with running_store(data, manifests, poll_interval=SLOW_POLL) as running:
         assert len(running.initial()) == 1
         docs = [pod("web", "edge-1"), pod("api", "edge-1")]
         config_map_volume_version(manifests, "v2", yaml.safe_dump_all(docs))
         shutil.rmtree(manifests / "..v1")
         assert await prompt(running) == [("insert", "node/edge-1/default/pod/api")]
-        nursery.cancel_scope.cancel()
 
 
 def editor_save(folder: Path, name: str, text: str, style: str) -> None:

@@ -136,7 +136,7 @@ async def _handle_connection(
     waiting: Waiting,
     bodies: trio.CapacityLimiter,
     tls_context: SSL.Context,
-    tcp: EagerSocketStream | trio.SocketStream,
+    tcp: EagerSocketStream,
     turns: HandshakeTurns | None = None,
 ) -> None:
     """One TLS connection: handshake, then requests until close, error or timeout."""
@@ -166,7 +166,7 @@ def _nobody() -> None:
     pass
 
 
-def _source(tcp: EagerSocketStream | trio.SocketStream) -> str:
+def _source(tcp: EagerSocketStream) -> str:
     try:
         return peer_host(tcp.socket.getpeername())
     except OSError:

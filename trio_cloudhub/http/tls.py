@@ -170,7 +170,8 @@ class OpenSSLStream(trio.abc.Stream):
 class EagerSocketStream(trio.abc.Stream):
     """A non-blocking stdlib socket as a stream that yields to the scheduler only when it
     must wait for the socket, or after FAIRNESS_CALLS calls in a row that did not wait.
-    Every call still raises `Cancelled` when its scope is cancelled. One task at a time."""
+    Every call still raises `Cancelled` when its scope is cancelled. One task at a time.
+    (The WebSocket port's `edge.tls.TlsTransport` treats its socket the same way.)"""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)

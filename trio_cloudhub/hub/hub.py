@@ -134,7 +134,7 @@ class Hub:
         self._open_connections = 0
         self._no_connections = trio.Event()  # set (then replaced) when the count drops to 0
         self._session_added = trio.Event()
-        self._sessions_churn = 0  # sessions started or ended since the last heap trim
+        self._churn = 0  # sessions and connections started or ended since the last heap trim
         self.timers = Timers()  # keepalive checks, ACK timeouts, back-off: run_timers()
         self.poller = make_poller()  # reads the sessions' idle connections: run_timers()
         self.frames = FrameEncoder()  # a change's content encoded once for all its nodes
@@ -240,17 +240,17 @@ class Hub:
         a moment (`BURST_QUIET`), what their handshakes freed goes back to the system
         (`hub.trim`): without it, a flood of 45,000 connections in 30 s left the hub's RSS
         at its peak (204 MiB, from 54) after the flood; with it, 75 MiB."""
-        self._sessions_churn += 1
-        if self._sessions_churn == TRIM_AFTER_CHURN:  # one check chain at a time
+        self._churn += 1
+        if self._churn == TRIM_AFTER_CHURN:  # one check chain at a time
             self.timers.at(trio.current_time() + BURST_QUIET, self._trim_check(TRIM_AFTER_CHURN))
 
     def _trim_check(self, seen: int) -> Callable[[float], None]:
         def check(now: float) -> None:
-            churn = self._sessions_churn
+            churn = self._churn
             if churn != seen and churn < TRIM_ANYWAY:  # the burst goes on
                 self.timers.at(now + BURST_QUIET, self._trim_check(churn))
                 return
-            self._sessions_churn = 0
+            self._churn = 0
             release_free_memory()
 
         return check

@@ -156,7 +156,7 @@ class FolderWatch:
     def begin_settling(self) -> None:
         self._writing.clear()
         self._vanished.clear()
-        self._unsure = False  # events lost, or too many writes open to track
+        self._unsure = False
         self._relevant_change = False
 
     @property
@@ -226,7 +226,7 @@ class FolderWatch:
             self._relevant_change = True
             self._unsure |= wd == -1  # events were lost: a write may be open
             return
-        if mask & IN_ISDIR:
+        if mask & IN_ISDIR or self._unsure:  # unsure: never `settled` until the next begin
             return
         if mask & WRITE_STARTED:
             self._writing.add(name)
